@@ -1,0 +1,32 @@
+"""dsbs-jax: Distilling Step-by-Step in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dsbs-jax",
+    version="0.1.0",
+    description="Distilling Step-by-Step (Hsieh et al., 2023) in JAX/Flax with SeqIO and gin.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dsbs_jax", "dsbs_jax.*", "tasks", "tasks.*"]),
+    package_data={"dsbs_jax": ["py.typed"]},
+    include_package_data=True,
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "seqio==0.0.20",
+        "tensorflow==2.21.0",
+        "tensorflow-text==2.21.1",
+        "tensorflow-datasets==4.9.10",
+        "gin-config==0.5.0",
+        "sentencepiece==0.2.3",
+        "tqdm>=4.66",
+        "numpy>=2.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["dsbs-jax=dsbs_jax.cli:main"]},
+)
