@@ -1,0 +1,127 @@
+"""The canonical teacher cache: one JSON object a line, one file a split.
+
+This is the single format every other part of the project reads. The official
+archive is converted into it (`dsbs_jax.data.official`), the built-in synthetic
+task writes it directly, and users can write it by hand for their own data:
+
+    {"id": "q17", "input": "...", "label": "gold or empty", "teacher_label": "...",
+     "rationales": ["...", ...], "teacher": "palm-540b", "parse_ok": true}
+
+A cache directory holds `<split>.jsonl` files (train, valid, test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+SPLITS = ("train", "valid", "test")
+REQUIRED_FIELDS = ("id", "input", "label", "teacher_label", "rationales", "teacher", "parse_ok")
+
+
+class CacheFormatError(ValueError):
+    """A cache file that does not follow the canonical format; the message names file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherRecord:
+    """One input with its gold label and what the teacher said about it.
+
+    `rationales` holds every teacher sample kept for the input (often one);
+    `parse_status` says why `parse_ok` is false ("ok" otherwise).
+    """
+
+    id: str
+    input: str
+    label: str
+    teacher_label: str
+    rationales: tuple[str, ...]
+    teacher: str
+    parse_ok: bool
+    parse_status: str = "ok"
+
+    def to_json(self) -> str:
+        record = dataclasses.asdict(self)
+        record["rationales"] = list(self.rationales)
+        return json.dumps(record, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, obj: dict, where: str = "record") -> TeacherRecord:
+        """Validates one decoded JSON object; `where` prefixes the error message."""
+        if not isinstance(obj, dict):
+            raise CacheFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        missing = [f for f in REQUIRED_FIELDS if f not in obj]
+        if missing:
+            raise CacheFormatError(f"{where}: missing field(s) {', '.join(missing)}")
+        rationales = obj["rationales"]
+        if not isinstance(rationales, list) or not all(isinstance(r, str) for r in rationales):
+            raise CacheFormatError(f"{where}: 'rationales' must be a list of strings")
+        for name in ("id", "input", "label", "teacher_label", "teacher"):
+            if not isinstance(obj[name], str):
+                raise CacheFormatError(f"{where}: '{name}' must be a string")
+        if not isinstance(obj["parse_ok"], bool):
+            raise CacheFormatError(f"{where}: 'parse_ok' must be true or false")
+        return cls(
+            id=obj["id"],
+            input=obj["input"],
+            label=obj["label"],
+            teacher_label=obj["teacher_label"],
+            rationales=tuple(rationales),
+            teacher=obj["teacher"],
+            parse_ok=obj["parse_ok"],
+            parse_status=str(obj.get("parse_status", "ok" if obj["parse_ok"] else "unknown")),
+        )
+
+
+def split_path(cache_dir: str | os.PathLike, split: str) -> Path:
+    return Path(cache_dir) / f"{split}.jsonl"
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[TeacherRecord]:
+    """Yields the records of one cache file, raising CacheFormatError with file:line on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no teacher cache file at {path}")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CacheFormatError(f"{where}: not valid JSON ({e.msg})") from None
+            yield TeacherRecord.from_dict(obj, where)
+
+
+def read_records(path: str | os.PathLike) -> list[TeacherRecord]:
+    records = list(iter_records(path))
+    seen: set[str] = set()
+    for r in records:
+        if r.id in seen:
+            raise CacheFormatError(f"{path}: duplicate id {r.id!r}")
+        seen.add(r.id)
+    return records
+
+
+def write_records(path: str | os.PathLike, records: Iterable[TeacherRecord]) -> int:
+    """Writes a whole cache file atomically (temp file + rename): a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(record.to_json() + "\n")
+            count += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return count
+
+
+def available_splits(cache_dir: str | os.PathLike) -> list[str]:
+    return [s for s in SPLITS if split_path(cache_dir, s).is_file()]
