@@ -1,0 +1,146 @@
+"""Register the SeqIO tasks and mixtures of distilling step-by-step for one dataset.
+
+For a dataset NAME with a canonical teacher cache at `<teacher_cache_root>/NAME/`:
+
+tasks
+    dsbs_NAME_label_gt          predict: x -> gold label
+    dsbs_NAME_label_llm         predict: x -> teacher label
+    dsbs_NAME_rationale         explain: x -> teacher rationale
+    dsbs_NAME_rationale_label   predict: x -> rationale + " So the answer is " + teacher label
+    dsbs_NAME_pair_gt_label, dsbs_NAME_pair_gt_rationale
+                                the gold-label and rationale tasks over the examples
+                                that have both, for pairing
+mixtures (one per method)
+    dsbs_NAME_finetune            standard finetuning (gold labels)
+    dsbs_NAME_distill             standard distillation (teacher labels)
+    dsbs_NAME_single_task         rationale and label in one target
+    dsbs_NAME_step_by_step        teacher label + rationale, paired (official method)
+    dsbs_NAME_step_by_step_gt     gold label + rationale, paired
+    dsbs_NAME_step_by_step_rates  teacher label + rationale, mixed at rates alpha : 1 - alpha
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import seqio
+
+from dsbs_jax import metrics
+from dsbs_jax.data import cache
+from dsbs_jax.data.mixtures import PairedMixture, step_by_step_rate
+from dsbs_jax.data.preprocessors import (
+    TASK_ROLE_FEATURE,
+    TaskKind,
+    TaskRole,
+    format_task,
+    label_after_rationale,
+)
+from dsbs_jax.data.sources import GOLD, GOLD_AND_TEACHER, TEACHER, TeacherCacheSource
+from dsbs_jax.data.vocabularies import GinSentencePieceVocabulary
+
+METRICS: dict[str, Callable] = {
+    "accuracy": metrics.accuracy,
+    "equation_accuracy": metrics.equation_accuracy,
+}
+METHODS = ("finetune", "distill", "single_task", "step_by_step", "step_by_step_gt")
+
+VOCABULARY = GinSentencePieceVocabulary()
+
+
+def output_features(vocabulary: seqio.Vocabulary = VOCABULARY) -> dict[str, seqio.Feature]:
+    return {
+        "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True),
+        "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
+        "task_role": TASK_ROLE_FEATURE,
+    }
+
+
+def task_name(dataset: str, kind: TaskKind, paired_with_gold: bool = False) -> str:
+    return (
+        f"dsbs_{dataset}_pair_gt_{kind.value.split('_')[0]}"
+        if paired_with_gold
+        else (f"dsbs_{dataset}_{kind.value}")
+    )
+
+
+def mixture_name(dataset: str, method: str) -> str:
+    return f"dsbs_{dataset}_{method}"
+
+
+def _add_task(
+    name: str,
+    dataset: str,
+    kind: TaskKind,
+    audience: str,
+    metric: str,
+    splits: Sequence[str],
+) -> None:
+    is_label_task = kind.role is TaskRole.LABEL
+    seqio.TaskRegistry.add(
+        name,
+        source=TeacherCacheSource(dataset, audience, splits),
+        preprocessors=[
+            functools.partial(format_task, kind=kind),
+            seqio.preprocessors.tokenize,
+            seqio.CacheDatasetPlaceholder(),
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        output_features=output_features(),
+        postprocess_fn=label_after_rationale if kind is TaskKind.RATIONALE_THEN_LABEL else None,
+        metric_fns=[METRICS[metric]] if is_label_task else [],
+    )
+
+
+def register_dataset(
+    dataset: str, metric: str = "accuracy", splits: Sequence[str] = cache.SPLITS
+) -> None:
+    """Registers every task and mixture of `dataset`; safe to call again (replaces them)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    tasks = [
+        (task_name(dataset, TaskKind.LABEL_GOLD), TaskKind.LABEL_GOLD, GOLD),
+        (task_name(dataset, TaskKind.LABEL_TEACHER), TaskKind.LABEL_TEACHER, TEACHER),
+        (task_name(dataset, TaskKind.RATIONALE), TaskKind.RATIONALE, TEACHER),
+        (
+            task_name(dataset, TaskKind.RATIONALE_THEN_LABEL),
+            TaskKind.RATIONALE_THEN_LABEL,
+            TEACHER,
+        ),
+        (task_name(dataset, TaskKind.LABEL_GOLD, True), TaskKind.LABEL_GOLD, GOLD_AND_TEACHER),
+        (task_name(dataset, TaskKind.RATIONALE, True), TaskKind.RATIONALE, GOLD_AND_TEACHER),
+    ]
+    for name, kind, audience in tasks:
+        seqio.TaskRegistry.remove(name)
+        _add_task(name, dataset, kind, audience, metric, splits)
+
+    label_llm = task_name(dataset, TaskKind.LABEL_TEACHER)
+    rationale = task_name(dataset, TaskKind.RATIONALE)
+    single = {
+        "finetune": task_name(dataset, TaskKind.LABEL_GOLD),
+        "distill": label_llm,
+        "single_task": task_name(dataset, TaskKind.RATIONALE_THEN_LABEL),
+    }
+    for method, task in single.items():
+        _replace_mixture(seqio.Mixture(mixture_name(dataset, method), [(task, 1.0)]))
+    _replace_mixture(PairedMixture(mixture_name(dataset, "step_by_step"), [label_llm, rationale]))
+    _replace_mixture(
+        PairedMixture(
+            mixture_name(dataset, "step_by_step_gt"),
+            [
+                task_name(dataset, TaskKind.LABEL_GOLD, True),
+                task_name(dataset, TaskKind.RATIONALE, True),
+            ],
+        )
+    )
+    rates = [
+        (label_llm, functools.partial(step_by_step_rate, role=TaskRole.LABEL)),
+        (rationale, functools.partial(step_by_step_rate, role=TaskRole.RATIONALE)),
+    ]
+    _replace_mixture(seqio.Mixture(mixture_name(dataset, "step_by_step_rates"), rates))
+
+
+def _replace_mixture(mixture: seqio.Mixture) -> None:
+    """Mixture() does not register itself; add() builds and registers in one go."""
+    seqio.MixtureRegistry.remove(mixture.name)
+    seqio.MixtureRegistry.add_provider(mixture.name, mixture)
