@@ -81,7 +81,7 @@ def split_path(cache_dir: str | os.PathLike, split: str) -> Path:
 
 
 def iter_records(path: str | os.PathLike) -> Iterator[TeacherRecord]:
-    """Yields the records of one cache file, raising CacheFormatError with file:line on bad input."""
+    """Yields the records of one cache file; bad input raises CacheFormatError naming file:line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no teacher cache file at {path}")
@@ -108,7 +108,7 @@ def read_records(path: str | os.PathLike) -> list[TeacherRecord]:
 
 
 def write_records(path: str | os.PathLike, records: Iterable[TeacherRecord]) -> int:
-    """Writes a whole cache file atomically (temp file + rename): a crash never leaves half a file."""
+    """Writes a cache file atomically (temp file + rename): a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
