@@ -28,5 +28,4 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6"],
     },
-    entry_points={"console_scripts": ["dsbs-jax=dsbs_jax.cli:main"]},
 )

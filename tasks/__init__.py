@@ -8,7 +8,7 @@ dataset is built. Register your own cache with `register_dataset("mydata")`.
 
 from dsbs_jax.data.official import DATASETS
 from dsbs_jax.data.registration import register_dataset
-from dsbs_jax.data.vocabularies import BUILTIN_VOCABULARY_DATASET as SYNTHETIC
+from dsbs_jax.data.synthetic import DATASET_NAME as SYNTHETIC
 
 for _name, _dataset in DATASETS.items():
     register_dataset(_name, metric=_dataset.metric)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 SPLITS = ("train", "valid", "test")
@@ -121,6 +121,15 @@ def write_records(path: str | os.PathLike, records: Iterable[TeacherRecord]) -> 
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return count
+
+
+def write_splits(
+    cache_dir: str | os.PathLike, by_split: Mapping[str, Iterable[TeacherRecord]]
+) -> dict[str, int]:
+    """Writes `<cache_dir>/<split>.jsonl` for each split; returns the record counts."""
+    return {
+        split: write_records(split_path(cache_dir, split), rs) for split, rs in by_split.items()
+    }
 
 
 def available_splits(cache_dir: str | os.PathLike) -> list[str]:

@@ -31,7 +31,8 @@ def teacher_accuracy(records: Sequence[cache.TeacherRecord], metric: str) -> flo
     if not labelled:
         return None
     metric_fn = getattr(metrics, metric)
-    result = metric_fn([r.label for r in labelled], [r.teacher_label for r in labelled])
+    predictions = [r.teacher_label if r.parse_ok else "" for r in labelled]
+    result = metric_fn([r.label for r in labelled], predictions)
     return result[metric]
 
 
@@ -68,11 +69,9 @@ def prepare_official(source: str | Path, name: str, out: str | Path) -> list[Spl
     if "train" in by_split and "valid" not in by_split:
         by_split["train"], by_split["valid"] = splits.split_off_validation(by_split["train"])
     out_dir = Path(out) / name
-    summaries = []
-    for split in cache.SPLITS:
-        if split in by_split:
-            cache.write_records(cache.split_path(out_dir, split), by_split[split])
-            summaries.append(summarise(split, by_split[split], dataset.metric))
+    ordered = {split: by_split[split] for split in cache.SPLITS if split in by_split}
+    cache.write_splits(out_dir, ordered)
+    summaries = [summarise(split, rs, dataset.metric) for split, rs in ordered.items()]
     write_summary(out_dir, name, dataset.metric, summaries)
     return summaries
 
@@ -80,7 +79,7 @@ def prepare_official(source: str | Path, name: str, out: str | Path) -> list[Spl
 def write_summary(
     out_dir: str | Path, name: str, metric: str, summaries: Sequence[SplitSummary]
 ) -> None:
-    """Records the dataset's metric and counts next to the cache (tasks read the metric)."""
+    """Records the dataset's metric and counts next to the cache, for people and sweeps."""
     info = {
         "dataset": name,
         "metric": metric,

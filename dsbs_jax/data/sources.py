@@ -51,6 +51,16 @@ def kept_training_indices(num_examples: int, fraction: float, seed: int) -> np.n
     return np.sort(subsample(np.arange(num_examples), fraction, seed)).astype(np.int64)
 
 
+@gin.configurable
+def teacher_cache_tfds_dir(path: str | None = None) -> Path | None:
+    """When set, tasks read TFDS builds of the caches (`python -m dsbs_jax.data tfds`) here.
+
+    TFRecord shards let each host of a pod read only its own files; None reads
+    the JSON-lines caches, which suits one machine.
+    """
+    return Path(os.path.expanduser(path)) if path else None
+
+
 @functools.lru_cache(maxsize=32)
 def _load_split(path: Path, mtime_ns: int) -> tuple[cache.TeacherRecord, ...]:
     del mtime_ns  # part of the key only: a rewritten file is read again
@@ -68,45 +78,63 @@ def load_split(dataset_dir: Path, split: str) -> tuple[cache.TeacherRecord, ...]
     return _load_split(path, path.stat().st_mtime_ns)
 
 
-def _select(
-    records: Sequence[cache.TeacherRecord], split: str, audience: str
-) -> list[tuple[int, cache.TeacherRecord]]:
-    """Subsamples train (before any filtering, so all methods share one subset), then filters."""
-    indexed = list(enumerate(records))
+def _jsonl_dataset(records: Sequence[cache.TeacherRecord]) -> tf.data.Dataset:
+    def strings(values: list[str]) -> tf.Tensor:
+        return tf.constant(values, tf.string, shape=[len(values)])
+
+    return tf.data.Dataset.from_tensor_slices(
+        {
+            "index": tf.range(len(records), dtype=tf.int64),
+            "id": strings([r.id for r in records]),
+            "input": strings([r.input for r in records]),
+            "label": strings([r.label for r in records]),
+            "teacher_label": strings([r.teacher_label for r in records]),
+            "rationale": strings([r.rationales[0] if r.rationales else "" for r in records]),
+            "parse_ok": tf.constant([r.parse_ok for r in records], tf.bool, [len(records)]),
+        }
+    )
+
+
+def _from_tfds(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """The TFDS build's fields in the JSON-lines dataset's layout (first rationale only)."""
+    first = tf.cond(
+        tf.size(ex["rationales"]) > 0, lambda: ex["rationales"][0], lambda: tf.constant("")
+    )
+    keep = ("index", "id", "input", "label", "teacher_label", "parse_ok")
+    return {**{k: ex[k] for k in keep}, "rationale": first}
+
+
+def _select(ds: tf.data.Dataset, split: str, audience: str, num_examples: int) -> tf.data.Dataset:
+    """Subsamples train by index (before any filtering, so all methods share one subset),
+    then keeps the records `audience` can use."""
     if split == "train":
         fraction, seed = training_subset()
-        keep = set(kept_training_indices(len(records), fraction, seed).tolist())
-        indexed = [(i, r) for i, r in indexed if i in keep]
-    has_gold = audience in (GOLD, GOLD_AND_TEACHER)
-    has_teacher = audience in (TEACHER, GOLD_AND_TEACHER)
-    return [
-        (i, r)
-        for i, r in indexed
-        if (r.label or not has_gold) and ((r.parse_ok and r.rationales) or not has_teacher)
-    ]
+        if fraction < 1.0:
+            kept = np.zeros(num_examples, bool)
+            kept[kept_training_indices(num_examples, fraction, seed)] = True
+            kept_table = tf.constant(kept)
+            ds = ds.filter(lambda ex: tf.gather(kept_table, ex["index"]))
+    needs_gold = audience in (GOLD, GOLD_AND_TEACHER)
+    needs_teacher = audience in (TEACHER, GOLD_AND_TEACHER)
 
+    def usable(ex: dict[str, tf.Tensor]) -> tf.Tensor:
+        ok = tf.constant(True)
+        if needs_gold:
+            ok = ok & (tf.strings.length(ex["label"]) > 0)
+        if needs_teacher:
+            ok = ok & ex["parse_ok"] & (tf.strings.length(ex["rationale"]) > 0)
+        return ok
 
-def _to_tf_dataset(selected: Sequence[tuple[int, cache.TeacherRecord]]) -> tf.data.Dataset:
-    columns = {
-        "index": tf.constant([i for i, _ in selected], tf.int64, shape=[len(selected)]),
-        "id": [r.id for _, r in selected],
-        "input": [r.input for _, r in selected],
-        "label": [r.label for _, r in selected],
-        "teacher_label": [r.teacher_label for _, r in selected],
-        "rationale": [r.rationales[0] if r.rationales else "" for _, r in selected],
-    }
-    columns = {
-        k: v if isinstance(v, tf.Tensor) else tf.constant(v, tf.string, shape=[len(selected)])
-        for k, v in columns.items()
-    }
-    return tf.data.Dataset.from_tensor_slices(columns)
+    return ds.filter(usable)
 
 
 class TeacherCacheSource(seqio.DataSource):
-    """Reads `<teacher_cache_root>/<dataset>/<split>.jsonl`, keeping the records of one audience.
+    """Reads one dataset's teacher cache, keeping the records of one audience.
 
-    Yields string features id, input, label, teacher_label, rationale (the first
-    teacher sample) and the int64 `index` of the example in its split file.
+    From `<teacher_cache_root>/<dataset>/<split>.jsonl`, or from the TFDS build
+    `teacher_cache/<dataset>` when gin sets `teacher_cache_tfds_dir.path`. Yields
+    int64 `index` (position in the split), string id, input, label, teacher_label,
+    rationale (the first teacher sample) and bool parse_ok.
     """
 
     def __init__(self, dataset: str, audience: str, splits: Sequence[str] = cache.SPLITS) -> None:
@@ -117,14 +145,25 @@ class TeacherCacheSource(seqio.DataSource):
         super().__init__(splits=splits, num_input_examples=None)
 
     @property
-    def supports_arbitrary_sharding(self) -> bool:
-        return True
-
-    @property
     def dataset_dir(self) -> Path:
         return teacher_cache_root() / self._dataset
 
+    def _tfds_source(self) -> seqio.DataSource | None:
+        data_dir = teacher_cache_tfds_dir()
+        if data_dir is None:
+            return None
+        from dsbs_jax.data import tfds_cache  # only runs that read TFDS pay for its import
+
+        return tfds_cache.tfds_source(tfds_cache.tfds_name(self._dataset), data_dir)
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        return self._tfds_source() is None
+
     def list_shards(self, split: str) -> Sequence[str]:
+        tfds_source = self._tfds_source()
+        if tfds_source is not None:
+            return tfds_source.list_shards(split)
         return [str(cache.split_path(self.dataset_dir, split))]
 
     def get_dataset(
@@ -139,10 +178,17 @@ class TeacherCacheSource(seqio.DataSource):
         num_epochs: int | None = 1,
     ) -> tf.data.Dataset:
         del sequence_length, use_cached, num_epochs
-        selected = _select(load_split(self.dataset_dir, split), split, self._audience)
-        if shard_info and shard_info.num_shards > 1:
-            selected = selected[shard_info.index :: shard_info.num_shards]
-        ds = _to_tf_dataset(selected)
-        if shuffle:
-            ds = ds.shuffle(max(len(selected), 1), seed=seed)
-        return ds
+        tfds_source = self._tfds_source()
+        if tfds_source is not None:
+            num_examples = tfds_source.num_input_examples(split)
+            ds = tfds_source.get_dataset(split, shuffle=shuffle, seed=seed, shard_info=shard_info)
+            ds = ds.map(_from_tfds, num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            records = load_split(self.dataset_dir, split)
+            num_examples = len(records)
+            ds = _jsonl_dataset(records)
+            if shard_info and shard_info.num_shards > 1:
+                ds = ds.shard(shard_info.num_shards, shard_info.index)
+            if shuffle:
+                ds = ds.shuffle(max(num_examples, 1), seed=seed)
+        return _select(ds, split, self._audience, num_examples)

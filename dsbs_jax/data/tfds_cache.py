@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,12 +48,17 @@ class TeacherCache(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
+    # Nothing is downloaded, so there is no checksums file to find next to this code; the
+    # lookup would also import `importlib_resources`, which tfds 4.9.10 only requires on
+    # Python < 3.9.
+    code_path = None
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict(
                 {
+                    "index": tfds.features.Scalar(dtype=np.int64),  # position in the split file
                     "id": text(),
                     "input": text(),
                     "label": text(),
@@ -78,7 +84,13 @@ class TeacherCache(tfds.core.GeneratorBasedBuilder):
         for i, record in enumerate(cache.read_records(path)):
             example = dataclasses.asdict(record)
             example["rationales"] = list(record.rationales)
+            example["index"] = i
             yield i, example
+
+
+def tfds_name(dataset: str, version: str = str(TeacherCache.VERSION)) -> str:
+    """The TFDS name `build_tfds` gives a dataset's cache."""
+    return f"teacher_cache/{dataset}:{version}"
 
 
 def build_tfds(
@@ -106,21 +118,27 @@ def build_tfds(
     )
     builder = TeacherCache(config=config, data_dir=os.fspath(Path(data_dir).expanduser()))
     mode = tfds.download.GenerateMode
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            num_shards=num_shards,
-            try_download_gcs=False,
-            download_mode=mode.REUSE_CACHE_IF_EXISTS if overwrite else mode.REUSE_DATASET_IF_EXISTS,
+    # TFDS makes an (unused) downloads folder; keep it out of `data_dir`.
+    with tempfile.TemporaryDirectory() as download_dir:
+        builder.download_and_prepare(
+            download_dir=download_dir,
+            download_config=tfds.download.DownloadConfig(
+                num_shards=num_shards,
+                try_download_gcs=False,
+                download_mode=(
+                    mode.REUSE_CACHE_IF_EXISTS if overwrite else mode.REUSE_DATASET_IF_EXISTS
+                ),
+            ),
         )
-    )
     return builder.get_reference().tfds_name(include_version=True)
 
 
 class TeacherCacheTfdsSource(seqio.TfdsDataSource):
     """Reads a prepared `teacher_cache` dataset from files only (no builder code, no GCS).
 
-    Yields string scalars id, input, label, teacher_label, teacher, parse_status,
-    bool `parse_ok` and 1-D string `rationales`. `shard_info` picks whole files;
+    Yields int64 `index` (position in the split file), string scalars id, input,
+    label, teacher_label, teacher, parse_status, bool `parse_ok` and 1-D string
+    `rationales`. `shard_info` picks whole files;
     `shuffle` only reorders files (the dataset is ordered, so TFDS's ordering
     guard is off here), leaving example-level shuffling to the SeqIO task.
     """

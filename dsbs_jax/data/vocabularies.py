@@ -15,9 +15,8 @@ import gin
 import seqio
 
 from dsbs_jax.data.sources import teacher_cache_root
-
-T5_VOCABULARY = "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model"
-BUILTIN_VOCABULARY_DATASET = "synthetic"
+from dsbs_jax.data.synthetic import DATASET_NAME as BUILTIN_DATASET
+from dsbs_jax.data.vocab import VOCAB_FILENAME
 
 
 @gin.configurable
@@ -28,7 +27,7 @@ def vocabulary_file(path: str | None = None, extra_ids: int = 0) -> tuple[str, i
     `<teacher_cache_root>/synthetic/spm.model`.
     """
     if path is None:
-        path = str(teacher_cache_root() / BUILTIN_VOCABULARY_DATASET / "spm.model")
+        path = str(teacher_cache_root() / BUILTIN_DATASET / VOCAB_FILENAME)
     return path, extra_ids
 
 

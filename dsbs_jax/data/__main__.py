@@ -1,0 +1,115 @@
+"""Data preparation commands: `python -m dsbs_jax.data <command> ...`.
+
+    prepare    official archive (<source>/<name>/...) -> canonical cache <out>/<name>/
+    synthetic  the built-in word-problem dataset + its SentencePiece vocabulary
+    vocab      train a SentencePiece vocabulary on a canonical cache
+    tfds       build a canonical cache as a TFDS dataset (TFRecord shards)
+
+Bad input (a missing directory, an unreadable file) ends with one line on
+stderr naming the path, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dsbs_jax.data import cache, prepare
+from dsbs_jax.data.official import DATASETS, OfficialDataError
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    summaries = prepare.prepare_official(args.source, args.dataset, args.out)
+    print(prepare.format_summaries(args.dataset, summaries))
+    print(f"wrote {Path(args.out) / args.dataset}")
+
+
+def _synthetic(args: argparse.Namespace) -> None:
+    from dsbs_jax.data import synthetic, vocab
+
+    out_dir = Path(args.out) / synthetic.DATASET_NAME
+    config = synthetic.SyntheticConfig(
+        num_train=args.num_train,
+        num_valid=args.num_valid,
+        num_test=args.num_test,
+        seed=args.seed,
+        teacher_error_rate=args.teacher_error_rate,
+    )
+    by_split = synthetic.generate(config)
+    cache.write_splits(out_dir, by_split)
+    summaries = [prepare.summarise(split, rs, "accuracy") for split, rs in by_split.items()]
+    prepare.write_summary(out_dir, synthetic.DATASET_NAME, "accuracy", summaries)
+    model = vocab.train_vocab_for_cache(out_dir, vocab_size=args.vocab_size)
+    print(prepare.format_summaries(synthetic.DATASET_NAME, summaries))
+    print(f"wrote {out_dir} (vocabulary {model})")
+
+
+def _vocab(args: argparse.Namespace) -> None:
+    from dsbs_jax.data import vocab
+
+    if not cache.available_splits(args.cache):
+        raise FileNotFoundError(f"no <split>.jsonl teacher cache files in {args.cache}")
+    print(f"wrote {vocab.train_vocab_for_cache(args.cache, vocab_size=args.vocab_size)}")
+
+
+def _tfds(args: argparse.Namespace) -> None:
+    from dsbs_jax.data import tfds_cache
+
+    if not cache.available_splits(args.cache):
+        raise FileNotFoundError(f"no <split>.jsonl teacher cache files in {args.cache}")
+    name = tfds_cache.build_tfds(args.cache, args.name, args.data_dir, num_shards=args.num_shards)
+    print(f"built {name} in {args.data_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dsbs_jax.data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("prepare", help="convert the official archive to a canonical cache")
+    p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    p.add_argument("--source", required=True, help="folder holding <dataset>/<dataset>_*.json")
+    p.add_argument("--out", required=True, help="cache root; writes <out>/<dataset>/")
+    p.set_defaults(run=_prepare)
+
+    p = commands.add_parser("synthetic", help="write the built-in dataset and its vocabulary")
+    p.add_argument("--out", required=True, help="cache root; writes <out>/synthetic/")
+    p.add_argument("--num-train", type=int, default=2000)
+    p.add_argument("--num-valid", type=int, default=200)
+    p.add_argument("--num-test", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-error-rate", type=float, default=0.05)
+    p.add_argument("--vocab-size", type=int, default=256)
+    p.set_defaults(run=_synthetic)
+
+    p = commands.add_parser("vocab", help="train a SentencePiece vocabulary on a cache")
+    p.add_argument("--cache", required=True, help="a canonical cache folder (<split>.jsonl)")
+    p.add_argument("--vocab-size", type=int, default=256)
+    p.set_defaults(run=_vocab)
+
+    p = commands.add_parser("tfds", help="build a cache as a TFDS dataset of TFRecord shards")
+    p.add_argument("--cache", required=True, help="a canonical cache folder (<split>.jsonl)")
+    p.add_argument("--name", required=True, help="dataset name, the TFDS config name")
+    p.add_argument("--data-dir", required=True, help="TFDS data_dir to write into")
+    p.add_argument("--num-shards", type=int, default=None, help="shards per split (>= hosts)")
+    p.set_defaults(run=_tfds)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (OfficialDataError, cache.CacheFormatError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Train a small SentencePiece vocabulary from a teacher cache, for fully offline runs.
+
+The pretrained T5 vocabulary needs a download and has 32k pieces, far more than a
+tiny student trained from scratch on the synthetic task can use. This trains one
+in the id layout seqio and T5 expect (pad 0, eos 1, unk 2, no bos), with digits
+split into single pieces so every number is spelt digit by digit, the same way in
+inputs, rationales and labels.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
+from dsbs_jax.data import cache
+
+logger = logging.getLogger(__name__)
+
+VOCAB_FILENAME = "spm.model"
+TASK_PREFIXES = ("predict: ", "explain: ")
+_SEED = 0
+_MAX_PIECE_LENGTH = 16
+_WORD_START = "\u2581"  # how SentencePiece marks the whitespace before a word
+# SentencePiece's complaint when a corpus supports fewer pieces than asked for.
+_TOO_HIGH = re.compile(r"vocabulary size (?:is )?too high.*?<= ?(\d+)", re.IGNORECASE | re.DOTALL)
+
+
+def _write_seed_pieces(corpus: list[str], path: Path) -> None:
+    """Writes every within-word substring with its frequency, as the unigram trainer's seeds.
+
+    SentencePiece seeds its unigram model only with substrings that are followed by more
+    than one distinct character. In text as regular as the synthetic task's, a frequent
+    word such as "has" is always followed by a space, so only "has " would qualify, and
+    that crosses a word boundary and is dropped: the word never gets a piece. Seeding
+    with all substrings of words (ranked, as SentencePiece does, by frequency times
+    length) lets whole words win.
+    """
+    words = collections.Counter(word for text in corpus for word in text.split())
+    seeds: collections.Counter[str] = collections.Counter()
+    for word, count in words.items():
+        marked = _WORD_START + word
+        for start in range(len(marked)):
+            for end in range(start + 2, min(len(marked), start + _MAX_PIECE_LENGTH) + 1):
+                seeds[marked[start:end]] += count
+    with path.open("w", encoding="utf-8") as f:
+        f.writelines(f"{piece}\t{count}\n" for piece, count in sorted(seeds.items()))
+
+
+def _train(corpus: list[str], model_prefix: str, seeds: Path, vocab_size: int) -> None:
+    spm.set_random_generator_seed(_SEED)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_prefix=model_prefix,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        seed_sentencepieces_file=str(seeds),
+        max_sentencepiece_length=_MAX_PIECE_LENGTH,
+        character_coverage=1.0,
+        split_digits=True,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
+
+
+def _drop_temp_paths(model_file: Path) -> None:
+    """Clears the temporary paths SentencePiece records in the model, so equal corpora give
+    byte-identical models wherever they are trained."""
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(model_file.read_bytes())
+    model.trainer_spec.ClearField("model_prefix")
+    model.trainer_spec.ClearField("seed_sentencepieces_file")
+    model_file.write_bytes(model.SerializeToString())
+
+
+def train_sentencepiece(
+    texts: Iterable[str], model_prefix: str | os.PathLike, vocab_size: int = 256
+) -> Path:
+    """Trains `<model_prefix>.model` and `.vocab`; returns the `.model` path.
+
+    A corpus too small for `vocab_size` is retried once at the largest size it supports,
+    so tiny test caches still get a vocabulary. Training is single-threaded with a fixed
+    seed, so the same corpus gives a byte-identical model, and the files are renamed into
+    place only when complete.
+    """
+    corpus = [t for t in texts if t]
+    if not corpus:
+        raise ValueError("cannot train a SentencePiece model on an empty corpus")
+    target = Path(model_prefix)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tmp_prefix = str(tmp_dir / "spm")
+        seeds = tmp_dir / "seeds.tsv"
+        _write_seed_pieces(corpus, seeds)
+        try:
+            _train(corpus, tmp_prefix, seeds, vocab_size)
+        except RuntimeError as e:
+            match = _TOO_HIGH.search(str(e))
+            if match is None:
+                raise
+            supported = int(match.group(1))
+            logger.warning(
+                "corpus supports at most %d SentencePiece pieces, not %d; training with %d",
+                supported,
+                vocab_size,
+                supported,
+            )
+            _train(corpus, tmp_prefix, seeds, supported)
+        _drop_temp_paths(Path(tmp_prefix + ".model"))
+        model_path = target.with_name(target.name + ".model")
+        os.replace(tmp_prefix + ".vocab", target.with_name(target.name + ".vocab"))
+        os.replace(tmp_prefix + ".model", model_path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return model_path
+
+
+def cache_texts(cache_dir: str | os.PathLike) -> Iterator[str]:
+    """Every text a model will see from the cache, task prefixes included.
+
+    Inputs come bare and with each task prefix, so "predict:" and "explain:" get pieces.
+    """
+    splits = cache.available_splits(cache_dir)
+    if not splits:
+        raise FileNotFoundError(f"no split files ({', '.join(cache.SPLITS)}) in {cache_dir}")
+    for split in splits:
+        for record in cache.iter_records(cache.split_path(cache_dir, split)):
+            yield record.input
+            for prefix in TASK_PREFIXES:
+                yield prefix + record.input
+            yield record.label
+            yield record.teacher_label
+            yield from record.rationales
+
+
+def train_vocab_for_cache(cache_dir: str | os.PathLike, vocab_size: int = 256) -> Path:
+    """Writes `<cache_dir>/spm.model` (and `spm.vocab`) trained on the cache's texts.
+
+    The synthetic task's words are so few that a unigram model runs out of useful pieces
+    at about 145 (one a word, plus characters); asking for more retries at that size.
+    """
+    prefix = Path(cache_dir) / Path(VOCAB_FILENAME).stem
+    return train_sentencepiece(cache_texts(cache_dir), prefix, vocab_size)

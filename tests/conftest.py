@@ -1,0 +1,41 @@
+"""Shared fixtures: the official archive (optional) and a small built-in cache made here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gin
+import pytest
+
+# The official teacher outputs live beside the checkout (../shared/data/dsbs); never copied in.
+OFFICIAL_DATA = Path(
+    os.environ.get("DSBS_OFFICIAL_DATA", Path(__file__).resolve().parents[2] / "shared/data/dsbs")
+)
+needs_official_data = pytest.mark.skipif(
+    not (OFFICIAL_DATA / "cqa").is_dir(),
+    reason=f"official teacher outputs not found at {OFFICIAL_DATA} (set DSBS_OFFICIAL_DATA)",
+)
+
+
+@pytest.fixture(scope="session")
+def builtin_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache root with a small synthetic dataset and its trained vocabulary."""
+    from dsbs_jax.data import cache, synthetic, vocab
+
+    root = tmp_path_factory.mktemp("caches")
+    config = synthetic.SyntheticConfig(num_train=120, num_valid=24, num_test=24, seed=0)
+    cache.write_splits(root / synthetic.DATASET_NAME, synthetic.generate(config))
+    vocab.train_vocab_for_cache(root / synthetic.DATASET_NAME, vocab_size=128)
+    return root
+
+
+@pytest.fixture
+def gin_cache_root(builtin_cache_root: Path):
+    """Points the tasks at the built-in cache through gin, as a run's config would."""
+    import tasks  # noqa: F401  (registers the tasks)
+
+    with gin.unlock_config():
+        gin.bind_parameter("teacher_cache_root.path", str(builtin_cache_root))
+    yield builtin_cache_root
+    gin.clear_config()
