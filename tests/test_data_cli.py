@@ -198,3 +198,40 @@ def test_module_entry_point_exit_code(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: no official data")
+
+
+def test_asdiv_layout(tmp_path, capsys):
+    rows = [
+        {
+            "Body": "Tom has 3 apples.",
+            "Question": "He eats 1. How many are left?",
+            "Formula": "3-1=2",
+            "Answer": "2 (apples)",
+        }
+    ]
+    (tmp_path / "asdiv" / "llm").mkdir(parents=True)
+    (tmp_path / "asdiv" / "asdiv_test.json").write_text(json.dumps(rows[0]) + "\n")
+    (tmp_path / "asdiv" / "llm" / "test_CoT_0.json").write_text(
+        json.dumps(["He has 3 - 1 = 2. The answer is (3 - 1).\n\nQ: more"])
+    )
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                "asdiv",
+                "--source",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
+    (record,) = cache.read_records(tmp_path / "out" / "asdiv" / "test.jsonl")
+    assert (record.input, record.label, record.teacher_label) == (
+        "Tom has 3 apples.\nHe eats 1. How many are left?",
+        "2",
+        "(3 - 1)",
+    )
+    assert "100.00%" in capsys.readouterr().out

@@ -170,3 +170,43 @@ def test_data_gin_file_macros_reach_the_pipeline(gin_cache_root):
     weights = step_by_step_loss_weights()
     np.testing.assert_allclose([weights[TaskRole.LABEL], weights[TaskRole.RATIONALE]], [0.7, 0.3])
     assert len(_examples("dsbs_synthetic_label_gt", StepByStepFeatureConverter(pack=False))) == 60
+
+
+TASK_NAMES = [
+    "dsbs_synthetic_label_gt",
+    "dsbs_synthetic_label_llm",
+    "dsbs_synthetic_rationale",
+    "dsbs_synthetic_rationale_label",
+    "dsbs_synthetic_pair_gt_label",
+    "dsbs_synthetic_pair_gt_rationale",
+]
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_every_task_yields_each_split(gin_cache_root, task, split):
+    examples = _examples(task, StepByStepFeatureConverter(pack=True), split=split)
+    assert examples and set(examples[0]) == BASE_FEATURES | PACKING_FEATURES
+
+
+def test_tfds_build_reads_like_the_jsonl_cache(gin_cache_root, tmp_path):
+    from dsbs_jax.data import tfds_cache
+
+    tfds_cache.build_tfds(gin_cache_root / "synthetic", "synthetic", tmp_path, num_shards=2)
+    converter = StepByStepFeatureConverter(pack=False)
+
+    def read(task, shard=None):
+        ds = seqio.get_mixture_or_task(task).get_dataset(
+            LENGTHS, split="train", shuffle=False, shard_info=shard
+        )
+        return sorted(_decode(ex["inputs"]) for ex in ds.as_numpy_iterator())
+
+    with gin.unlock_config():
+        gin.bind_parameter("training_subset.fraction", 0.5)
+    from_jsonl = read("dsbs_synthetic_label_llm")
+    with gin.unlock_config():
+        gin.bind_parameter("teacher_cache_tfds_dir.path", str(tmp_path))
+    assert read("dsbs_synthetic_label_llm") == from_jsonl
+    hosts = [read("dsbs_synthetic_label_llm", seqio.ShardInfo(i, 2)) for i in range(2)]
+    assert set(hosts[0]).isdisjoint(hosts[1]) and sorted(hosts[0] + hosts[1]) == from_jsonl
+    assert _examples("dsbs_synthetic_step_by_step", converter)
