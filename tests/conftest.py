@@ -5,8 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import gin
-import pytest
+# Eight host CPU devices, so sharding tests can build real meshes; set before JAX starts.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import gin  # noqa: E402
+import pytest  # noqa: E402
 
 # The official teacher outputs live beside the checkout (../shared/data/dsbs); never copied in.
 OFFICIAL_DATA = Path(

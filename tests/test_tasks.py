@@ -210,3 +210,21 @@ def test_tfds_build_reads_like_the_jsonl_cache(gin_cache_root, tmp_path):
     hosts = [read("dsbs_synthetic_label_llm", seqio.ShardInfo(i, 2)) for i in range(2)]
     assert set(hosts[0]).isdisjoint(hosts[1]) and sorted(hosts[0] + hosts[1]) == from_jsonl
     assert _examples("dsbs_synthetic_step_by_step", converter)
+
+
+def test_evaluation_splits_use_every_gold_example_and_gold_labels(gin_cache_root):
+    from dsbs_jax.data import cache
+
+    converter = StepByStepFeatureConverter(pack=False)
+    records = cache.read_records(gin_cache_root / "synthetic" / "test.jsonl")
+    for task in ["dsbs_synthetic_label_llm", "dsbs_synthetic_label_gt", "dsbs_synthetic_rationale"]:
+        assert len(_examples(task, converter, split="test")) == len(records)
+    labels = [_decode(e["decoder_target_tokens"])
+              for e in _examples("dsbs_synthetic_label_llm", converter, split="test")]
+    assert labels == [r.label for r in records]
+    # On train the same task teaches the teacher's labels, mistakes included.
+    train = cache.read_records(gin_cache_root / "synthetic" / "train.jsonl")
+    taught = [_decode(e["decoder_target_tokens"])
+              for e in _examples("dsbs_synthetic_label_llm", converter)]
+    assert taught == [r.teacher_label for r in train if r.parse_ok]
+    assert any(r.label != r.teacher_label for r in train)

@@ -104,10 +104,22 @@ def _from_tfds(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     return {**{k: ex[k] for k in keep}, "rationale": first}
 
 
+def _gold_targets(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    return {**ex, "teacher_label": ex["label"]}
+
+
 def _select(ds: tf.data.Dataset, split: str, audience: str, num_examples: int) -> tf.data.Dataset:
     """Subsamples train by index (before any filtering, so all methods share one subset),
-    then keeps the records `audience` can use."""
-    if split == "train":
+    then keeps the records `audience` can use.
+
+    Teacher outputs are training signal only: on other splits every task sees
+    every gold-labelled example with the gold label as its label, so all methods
+    are scored on the same examples against the same answers.
+    """
+    if split != "train":
+        audience = GOLD
+        ds = ds.map(_gold_targets, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
         fraction, seed = training_subset()
         if fraction < 1.0:
             kept = np.zeros(num_examples, bool)
