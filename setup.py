@@ -20,6 +20,7 @@ setup(
         "tensorflow==2.21.0",
         "tensorflow-text==2.21.1",
         "tensorflow-datasets==4.9.10",
+        "tensorboard==2.21.0",
         "gin-config==0.5.0",
         "sentencepiece==0.2.3",
         "tqdm>=4.66",

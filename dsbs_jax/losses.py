@@ -82,17 +82,26 @@ def step_by_step_loss(
     sums = {"z_loss": jnp.sum(jnp.where(is_target, z_term, 0.0))}
     for name, role in ROLES.items():
         in_role = task_ids == role
+        weighted = batch["decoder_loss_weights"] * per_token
+        sums[f"{name}_weighted_loss"] = jnp.sum(jnp.where(in_role, weighted, 0.0))
         sums[f"{name}_cross_entropy"] = jnp.sum(jnp.where(in_role, per_token - z_term, 0.0))
         sums[f"{name}_correct"] = jnp.sum(correct & in_role).astype(jnp.float32)
         sums[f"{name}_tokens"] = jnp.sum(in_role).astype(jnp.float32)
     return loss, sums
 
 
-def summarise_loss_sums(loss: Array, sums: Mapping[str, Array]) -> dict[str, Array]:
-    """Turns summed statistics into per-token means: label/rationale loss and token accuracy."""
+def summarise_loss_sums(sums: Mapping[str, Array]) -> dict[str, Array]:
+    """Turns summed statistics into per-token means: label/rationale loss and token accuracy.
+
+    "loss" recomputed from the sums equals `step_by_step_loss` over everything summed
+    (a whole batch, or a whole evaluation split).
+    """
     tokens = sums["label_tokens"] + sums["rationale_tokens"]
     metrics = {
-        "loss": loss,
+        "loss": sum(
+            sums[f"{name}_weighted_loss"] / jnp.maximum(sums[f"{name}_tokens"], 1.0)
+            for name in ROLES
+        ),
         "z_loss": sums["z_loss"] / jnp.maximum(tokens, 1.0),
         "token_accuracy": (sums["label_correct"] + sums["rationale_correct"])
         / jnp.maximum(tokens, 1.0),

@@ -219,12 +219,16 @@ def test_evaluation_splits_use_every_gold_example_and_gold_labels(gin_cache_root
     records = cache.read_records(gin_cache_root / "synthetic" / "test.jsonl")
     for task in ["dsbs_synthetic_label_llm", "dsbs_synthetic_label_gt", "dsbs_synthetic_rationale"]:
         assert len(_examples(task, converter, split="test")) == len(records)
-    labels = [_decode(e["decoder_target_tokens"])
-              for e in _examples("dsbs_synthetic_label_llm", converter, split="test")]
+    labels = [
+        _decode(e["decoder_target_tokens"])
+        for e in _examples("dsbs_synthetic_label_llm", converter, split="test")
+    ]
     assert labels == [r.label for r in records]
     # On train the same task teaches the teacher's labels, mistakes included.
     train = cache.read_records(gin_cache_root / "synthetic" / "train.jsonl")
-    taught = [_decode(e["decoder_target_tokens"])
-              for e in _examples("dsbs_synthetic_label_llm", converter)]
+    taught = [
+        _decode(e["decoder_target_tokens"])
+        for e in _examples("dsbs_synthetic_label_llm", converter)
+    ]
     assert taught == [r.teacher_label for r in train if r.parse_ok]
     assert any(r.label != r.teacher_label for r in train)

@@ -1,0 +1,267 @@
+"""Training checkpoints: the N most recent plus the best, saved with orbax.
+
+t5x cannot be installed, so this replaces its checkpointer with a thin layer over
+``orbax.checkpoint.CheckpointManager`` that keeps t5x's layout::
+
+    MODEL_DIR/checkpoint_{step}/        the `keep` most recent checkpoints
+    MODEL_DIR/best/checkpoint_{step}/   the single best one by `best_metric`
+
+The best checkpoint lives in its own manager (``max_to_keep=1``, keyed by the
+metric) so that "keep the N most recent plus the best" holds even when the best
+checkpoint is older than the N most recent. Each checkpoint holds two items:
+``state`` (a pytree of possibly sharded ``jax.Array``: params, optimizer state,
+step) and ``data`` (a small JSON dict: the data iterator position).
+
+Saving is synchronous by default, so once ``save`` returns the checkpoint is
+complete on disk. orbax writes each checkpoint into a temporary directory and
+renames it when done, so an interrupted save never leaves a directory that looks
+like a finished checkpoint; such leftovers are ignored and removed on reopening.
+
+Restoring checks the saved tree structure and shapes against the model first and
+raises :class:`IncompatibleCheckpointError` with one readable message, instead of
+the deep orbax/tensorstore error a mismatched ``MODEL_DIR`` would otherwise give.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import gin
+import jax
+import orbax.checkpoint as ocp
+
+STATE_ITEM = "state"
+DATA_ITEM = "data"
+STEP_PREFIX = "checkpoint"
+BEST_SUBDIR = "best"
+_MAX_REPORTED_MISMATCHES = 3
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The checkpoint's tree structure or shapes do not match the model's."""
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """Registers both items up front, so a freshly opened manager can read metadata."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(STATE_ITEM, ocp.args.StandardSave, ocp.handlers.StandardCheckpointHandler)
+    registry.add(STATE_ITEM, ocp.args.StandardRestore, ocp.handlers.StandardCheckpointHandler)
+    registry.add(DATA_ITEM, ocp.args.JsonSave, ocp.handlers.JsonCheckpointHandler)
+    registry.add(DATA_ITEM, ocp.args.JsonRestore, ocp.handlers.JsonCheckpointHandler)
+    return registry
+
+
+def _key_str(key: Any) -> str:
+    """One path entry as orbax names it: dict key, sequence index or attribute name."""
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    return str(key.key)  # DictKey, FlattenedIndexKey
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+    """Maps 'a/b/0/c' to each leaf's shape; orbax stores tuples as lists and
+    namedtuples as dicts, so paths (not tree types) are what can be compared."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(_key_str(k) for k in path): tuple(getattr(leaf, "shape", ()))
+        for path, leaf in leaves
+    }
+
+
+def _mismatches(saved: dict[str, tuple[int, ...]], model: dict[str, tuple[int, ...]]) -> list[str]:
+    """Human-readable differences between checkpoint and model, in path order."""
+    problems = []
+    for path in sorted(saved.keys() | model.keys()):
+        if path not in saved:
+            problems.append(f"{path} is missing from the checkpoint")
+        elif path not in model:
+            problems.append(f"{path} is in the checkpoint but not in the model")
+        elif saved[path] != model[path]:
+            problems.append(
+                f"{path} has shape {saved[path]} in the checkpoint but {model[path]} in the model"
+            )
+    return problems
+
+
+@gin.configurable
+class Checkpointer:
+    """Saves and restores (state, data) checkpoints under a t5x-style MODEL_DIR."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        period: int = 1000,
+        keep: int = 3,
+        keep_best: bool = True,
+        best_metric: str = "valid/accuracy",
+        best_mode: str = "max",
+        async_save: bool = False,
+    ) -> None:
+        """Opens (creating if needed) the managers for MODEL_DIR and MODEL_DIR/best.
+
+        Args:
+          model_dir: the run's MODEL_DIR.
+          period: save every `period` steps (see `save`).
+          keep: how many of the most recent checkpoints to keep.
+          keep_best: also keep the best checkpoint by `best_metric`.
+          best_metric: the metric key that ranks checkpoints.
+          best_mode: "max" or "min": whether a higher or lower metric is better.
+          async_save: write in the background; call `wait_until_finished` before
+            relying on the checkpoint.
+        """
+        if period < 1 or keep < 1:
+            raise ValueError(f"period and keep must be >= 1, got period={period}, keep={keep}")
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        self.model_dir = Path(model_dir)
+        self.period = period
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self._recent = ocp.CheckpointManager(
+            self.model_dir,
+            options=self._options(max_to_keep=keep, async_save=async_save),
+            handler_registry=_handler_registry(),
+        )
+        self._best: ocp.CheckpointManager | None = None
+        self._best_value: float | None = None
+        if keep_best:
+            self._best = ocp.CheckpointManager(
+                self.model_dir / BEST_SUBDIR,
+                options=self._options(
+                    max_to_keep=1,
+                    async_save=async_save,
+                    best_fn=lambda metrics: metrics[best_metric],
+                    best_mode=best_mode,
+                    keep_checkpoints_without_metrics=False,
+                ),
+                handler_registry=_handler_registry(),
+            )
+            best_step = self._best.best_step()
+            if best_step is not None:
+                self._best_value = float(self._best.metrics(best_step)[best_metric])
+
+    @staticmethod
+    def _options(max_to_keep: int, async_save: bool, **kwargs: Any) -> ocp.CheckpointManagerOptions:
+        """Options shared by both managers; leftover temp dirs are removed on opening."""
+        return ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            step_prefix=STEP_PREFIX,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            **kwargs,
+        )
+
+    def _improves(self, value: float) -> bool:
+        if self._best_value is None:
+            return True
+        if self.best_mode == "max":
+            return value > self._best_value
+        return value < self._best_value
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data: dict,
+        metrics: dict[str, float] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves a checkpoint when `step % period == 0` or `force`; returns whether it wrote one.
+
+        Independently of the period, when `metrics` holds `best_metric` and it
+        beats the best so far, the checkpoint also replaces MODEL_DIR/best. A step
+        that is already saved is not written again.
+        """
+        step = int(step)
+        composite = ocp.args.Composite(
+            **{STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: ocp.args.JsonSave(data)}
+        )
+        saved = False
+        if (force or step % self.period == 0) and step not in self._recent.all_steps():
+            saved = self._recent.save(step, args=composite, force=True)
+        if self._best is not None and metrics is not None and self.best_metric in metrics:
+            value = float(metrics[self.best_metric])
+            if self._improves(value) and step not in self._best.all_steps():
+                self._best.save(step, args=composite, metrics={self.best_metric: value}, force=True)
+                self._best_value = value
+                saved = True
+        return saved
+
+    def latest_step(self) -> int | None:
+        """The most recent saved step under MODEL_DIR, or None."""
+        return self._recent.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step of the best checkpoint under MODEL_DIR/best, or None."""
+        return self._best.best_step() if self._best is not None else None
+
+    def restore(
+        self, abstract_state: Any, step: int | None = None, best: bool = False
+    ) -> tuple[Any, dict]:
+        """Restores (state, data) from `step` (default: latest, or the best if `best`).
+
+        `abstract_state` is a pytree of `jax.ShapeDtypeStruct` whose `.sharding`
+        and dtype say where and how each array lands. Raises
+        `IncompatibleCheckpointError` when the saved tree does not match it and
+        `FileNotFoundError` when there is no such checkpoint.
+        """
+        if best and self._best is None:
+            raise ValueError("restore(best=True) needs a Checkpointer with keep_best=True")
+        manager = self._best if best else self._recent
+        if step is None:
+            step = manager.best_step() if best else manager.latest_step()
+        which = "best checkpoint" if best else "checkpoint"
+        if step is None or step not in manager.all_steps():
+            raise FileNotFoundError(
+                f"MODEL_DIR {self.model_dir} has no {which}"
+                + (f" at step {step}" if step is not None else "")
+                + f"; saved steps: {list(manager.all_steps())}"
+            )
+        self._check_compatible(manager, step, abstract_state, which)
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                    DATA_ITEM: ocp.args.JsonRestore(),
+                }
+            ),
+        )
+        return restored[STATE_ITEM], restored[DATA_ITEM]
+
+    def _check_compatible(
+        self, manager: ocp.CheckpointManager, step: int, abstract_state: Any, which: str
+    ) -> None:
+        saved = _shapes_by_path(manager.item_metadata(step)[STATE_ITEM])
+        problems = _mismatches(saved, _shapes_by_path(abstract_state))
+        if problems:
+            shown = problems[:_MAX_REPORTED_MISMATCHES]
+            more = len(problems) - len(shown)
+            raise IncompatibleCheckpointError(
+                f"MODEL_DIR {self.model_dir} holds an incompatible {which} (step {step}): "
+                + "; ".join(shown)
+                + (f"; and {more} more mismatch(es)" if more else "")
+                + "; use another MODEL_DIR"
+            )
+
+    def wait_until_finished(self) -> None:
+        """Blocks until any background save has been committed."""
+        self._recent.wait_until_finished()
+        if self._best is not None:
+            self._best.wait_until_finished()
+
+    def close(self) -> None:
+        """Finishes pending saves and releases the managers."""
+        self._recent.close()
+        if self._best is not None:
+            self._best.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

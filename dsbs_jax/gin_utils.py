@@ -1,0 +1,123 @@
+"""t5x-style command lines: --gin_file, --gin.NAME=VALUE, --gin_bindings, --gin_search_paths.
+
+    python -m dsbs_jax.train --gin_file=runs/demo.gin --gin.MODEL_DIR=\\"/tmp/demo\\"
+
+Every failure a user can cause (a bad binding, an unknown task, a checkpoint of
+another model, a NaN loss) ends as one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import gin
+
+from dsbs_jax.partitioning import initialize_distributed
+
+PROJECT_GIN_CONFIGS = Path(__file__).resolve().parents[1] / "gin_configs"
+EXIT_BAD_INPUT = 2
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+    parser.add_argument(
+        "--gin_bindings",
+        action="append",
+        default=[],
+        help="a gin binding 'NAME = VALUE' (repeatable)",
+    )
+    parser.add_argument(
+        "--gin_search_paths",
+        action="append",
+        default=[],
+        help="comma-separated folders to find gin files in",
+    )
+    parser.add_argument(
+        "--tfds_data_dir", default=None, help="read TFDS builds of the teacher caches from here"
+    )
+    parser.add_argument("--coordinator_address", default=None, help="multi-host: host:port")
+    parser.add_argument("--process_count", type=int, default=None, help="multi-host: processes")
+    parser.add_argument("--process_index", type=int, default=None, help="multi-host: this one")
+    return parser
+
+
+def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separates t5x's `--gin.NAME=VALUE` flags (as 'NAME = VALUE' bindings) from the rest."""
+    bindings, rest = [], []
+    for arg in argv:
+        if arg.startswith("--gin."):
+            name, sep, value = arg[len("--gin.") :].partition("=")
+            if not sep:
+                raise ValueError(f"{arg}: expected --gin.NAME=VALUE")
+            bindings.append(f"{name} = {value}")
+        else:
+            rest.append(arg)
+    return bindings, rest
+
+
+def parse_gin(
+    gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]
+) -> None:
+    """Finds gin files on the search paths (then the project's gin_configs/) and parses them."""
+    paths = [p for entry in search_paths for p in entry.split(",") if p]
+    for path in [*paths, os.getcwd(), str(PROJECT_GIN_CONFIGS)]:
+        gin.add_config_file_search_path(path)
+    # gin logs an error for every search path that lacks a file, even when a later one has it.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)
+    try:
+        gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
+    finally:
+        root.setLevel(level)
+
+
+def run(
+    main: Callable[[], object],
+    argv: Sequence[str] | None,
+    prog: str,
+    description: str,
+    expected_errors: tuple[type[BaseException], ...] = (),
+) -> int:
+    """Parses flags and gin, sets up multi-host JAX, runs `main`; one clear line per failure."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser(prog, description)
+    try:
+        gin_flags, rest = split_gin_flags(argv)
+    except ValueError as e:
+        parser.error(str(e))
+    args = parser.parse_args(rest)
+    if not args.gin_file:
+        parser.error("give at least one --gin_file (e.g. --gin_file=runs/demo.gin)")
+    try:
+        bindings = [*args.gin_bindings, *gin_flags]
+        if args.tfds_data_dir:
+            bindings.append(f"teacher_cache_tfds_dir.path = {args.tfds_data_dir!r}")
+        parse_gin(args.gin_file, bindings, args.gin_search_paths)
+    except Exception as e:  # gin raises many types for a bad file or binding
+        print(f"error: bad gin configuration: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    initialize_distributed(args.coordinator_address, args.process_count, args.process_index)
+    try:
+        main()
+    except expected_errors as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(
+            "interrupted: the last checkpoint in MODEL_DIR is where a rerun resumes",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -1,0 +1,165 @@
+"""Model and data parallelism for the T5 model: the slice of t5x's partitioner this project needs.
+
+t5x cannot be installed, and its partitioner is built on APIs current JAX deprecates
+(`jax.experimental.pjit`, `with Mesh(...)`, `jax.interpreters.pxla`). This module gives the same
+layout with today's APIs: a 2-D ("data", "model") `jax.sharding.Mesh`, t5x's 1-D logical axis
+rules resolved by flax (`nn.logical_to_mesh_sharding`), `jax.jit` with `in_shardings` /
+`out_shardings`, and global `jax.Array`s built from each host's part of the batch.
+
+Pitfalls this module takes care of:
+
+* `jax.make_mesh` makes `Explicit` axes by default since JAX 0.7; flax's logical constraints
+  (`nn.with_logical_constraint`) need `Auto` axes, so the mesh is built with `AxisType.Auto`.
+* flax only applies `nn.with_logical_constraint` when logical axis rules are active
+  (`nn.logical_axis_rules`) and a mesh is set (`jax.set_mesh`); both are read while tracing, so
+  trace and call jitted model code inside `Partitioner.activation_rules()`.
+* Parameters made with `nn.with_logical_partitioning` come boxed (`nn.LogicallyPartitioned`);
+  `init_sharded` returns them unboxed, which is what jitted functions should receive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+import seqio
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+LogicalAxisRules = Sequence[tuple[str, str | None]]
+
+# t5x's standard 1-D rules: data parallelism over "data", Megatron-style model parallelism of
+# the vocabulary, MLP and attention heads over "model"; everything else replicated.
+STANDARD_LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+    ("batch", "data"),
+    ("vocab", "model"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("joined_kv", "model"),
+    ("kv", None),
+    ("embed", None),
+    ("length", None),
+    ("relpos_buckets", None),
+    ("layers", None),
+    ("stack", None),
+    ("mlp_activations", None),
+)
+
+
+@gin.configurable
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    cpu_collectives: bool = False,
+    auto_detect: bool = False,
+) -> None:
+    """Joins this process to a multi-process JAX run; a no-op when nothing is asked.
+
+    Call it first, before any JAX computation. `jax.distributed.initialize` runs when a
+    coordinator, process count or process id is given (JAX auto-detects the ones left out), or
+    with `auto_detect=True`, where JAX detects all of them (Cloud TPU pod slices, SLURM, Open MPI,
+    Kubernetes). On Cloud TPU pods the call is optional, as the TPU runtime already connects the
+    hosts; on GPU and CPU clusters it is required. `cpu_collectives` switches cross-process
+    collectives of CPU devices to gloo, which multi-process CPU runs need.
+    """
+    if cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    explicit = (coordinator_address, num_processes, process_id) != (None, None, None)
+    if explicit or auto_detect:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+
+
+@gin.configurable
+class Partitioner:
+    """A ("data", "model") mesh over all global devices plus t5x's logical-axis rules.
+
+    `num_partitions` is the model-parallel size (t5x's `num_partitions`); the rest of the devices
+    form the data-parallel axis. In multi-process runs every host feeds its own rows of the
+    batch, so the model axis must stay within one host.
+    """
+
+    def __init__(
+        self,
+        num_partitions: int = 1,
+        logical_axis_rules: LogicalAxisRules = STANDARD_LOGICAL_AXIS_RULES,
+        devices: Sequence[jax.Device] | None = None,
+    ) -> None:
+        devices = list(jax.devices() if devices is None else devices)
+        if num_partitions < 1 or len(devices) % num_partitions:
+            raise ValueError(
+                f"num_partitions={num_partitions} must be a positive divisor of the number of "
+                f"devices ({len(devices)})"
+            )
+        self.num_partitions = num_partitions
+        self.logical_axis_rules = tuple(logical_axis_rules)
+        # Auto axes: flax's logical constraints fail on make_mesh's default Explicit axes.
+        self.mesh: Mesh = jax.make_mesh(
+            (len(devices) // num_partitions, num_partitions),
+            ("data", "model"),
+            axis_types=(AxisType.Auto,) * 2,
+            devices=devices,
+        )
+        for row in self.mesh.devices:
+            if len({device.process_index for device in row}) > 1:
+                raise ValueError(
+                    f"num_partitions={num_partitions} spans several processes; it must divide "
+                    f"the local device count ({jax.local_device_count()})"
+                )
+
+    @property
+    def data_sharding(self) -> NamedSharding:
+        """Sharding of [batch, ...] arrays: rows split over "data", replicated over "model"."""
+        return NamedSharding(self.mesh, P("data"))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        """Sharding of arrays held whole on every device."""
+        return NamedSharding(self.mesh, P())
+
+    def logical_to_sharding(self, logical_specs: Any) -> Any:
+        """Maps a tree of logical PartitionSpecs (axis names) to a tree of NamedShardings."""
+        return nn.logical_to_mesh_sharding(logical_specs, self.mesh, self.logical_axis_rules)
+
+    @contextlib.contextmanager
+    def activation_rules(self) -> Iterator[None]:
+        """Activates the mesh (`jax.set_mesh`) and the logical axis rules while inside.
+
+        Trace, jit and call model code inside it so the model's `nn.with_logical_constraint`
+        calls become sharding constraints on this mesh. The rules are read at trace time and
+        are not part of jit's cache key: trace a jitted function under one set of rules only.
+        """
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.logical_axis_rules):
+            yield
+
+    def init_sharded(self, init_fn: Callable[..., Any], *args: Any) -> tuple[Any, Any]:
+        """Runs `init_fn(*args)` (e.g. `model.init`) creating every parameter already sharded.
+
+        Shapes and logical names come from `jax.eval_shape`, so no parameter is ever
+        materialised whole on one device. Returns the unboxed variables and their shardings.
+        """
+        with self.activation_rules():
+            abstract = jax.eval_shape(init_fn, *args)
+            shardings = self.logical_to_sharding(nn.get_partition_spec(abstract))
+            variables = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+        return variables, shardings
+
+    def shard_batch(self, host_local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Makes global [batch, ...] arrays from this host's rows (global = local * hosts)."""
+        return {
+            name: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(value))
+            for name, value in host_local_batch.items()
+        }
+
+    def data_shard_info(self) -> seqio.ShardInfo:
+        """This host's shard of the input data: one shard per process."""
+        return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())

@@ -1,0 +1,132 @@
+"""Train and eval steps: pure functions of (state, batch), jitted with explicit shardings.
+
+Gradient accumulation splits the batch into microbatches and scans over them;
+each task's token count is taken over the whole batch first, so the summed
+microbatch gradients equal the full-batch gradient exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsbs_jax import losses
+from dsbs_jax.models.t5 import T5
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+PyTree = Any
+
+# Batch features the model reads, by the name of its keyword argument.
+MODEL_INPUTS = (
+    "encoder_input_tokens",
+    "decoder_input_tokens",
+    "decoder_target_tokens",
+    "encoder_segment_ids",
+    "decoder_segment_ids",
+    "encoder_positions",
+    "decoder_positions",
+)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint must hold to resume training exactly."""
+
+    step: Array
+    params: PyTree
+    opt_state: PyTree
+
+
+def init_state(params: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
+    step = jnp.zeros((), jnp.int32)
+    return TrainState(step=step, params=params, opt_state=optimizer.init(params))
+
+
+def model_logits(
+    model: T5, params: PyTree, batch: Batch, dropout_rng: Array | None = None
+) -> Array:
+    """Teacher-forced logits; dropout is on exactly when a dropout rng is given."""
+    kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+    return model.apply(
+        {"params": params}, **kwargs, enable_dropout=dropout_rng is not None, rngs=rngs
+    )
+
+
+def _split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, Array]:
+    def split(x: Array) -> Array:
+        if x.shape[0] % num_microbatches:
+            raise ValueError(
+                f"batch size {x.shape[0]} is not divisible by {num_microbatches} microbatches"
+            )
+        return x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:])
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(
+    model: T5,
+    optimizer: optax.GradientTransformation,
+    num_microbatches: int = 1,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict[str, Array]]]:
+    """Returns train_step(state, batch, rng) -> (new state, metrics); jit it with shardings."""
+
+    def micro_grads(params: PyTree, micro: Batch, counts: Array, rng: Array):
+        def loss_fn(p: PyTree):
+            logits = model_logits(model, p, micro, rng)
+            return losses.step_by_step_loss(logits, micro, counts, label_smoothing, z_loss)
+
+        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, sums
+
+    def train_step(
+        state: TrainState, batch: Batch, rng: Array
+    ) -> tuple[TrainState, dict[str, Array]]:
+        rng = jax.random.fold_in(rng, state.step)
+        counts = losses.role_token_counts(batch["decoder_task_ids"])
+        if num_microbatches == 1:
+            grads, sums = micro_grads(state.params, batch, counts, rng)
+        else:
+            micro = _split_microbatches(batch, num_microbatches)
+            rngs = jax.random.split(rng, num_microbatches)
+
+            def accumulate(carry, xs):
+                grads, sums = micro_grads(state.params, xs[0], counts, xs[1])
+                return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+            zero_sums = jax.eval_shape(
+                lambda: micro_grads(state.params, jax.tree.map(lambda x: x[0], micro), counts, rng)
+            )[1]
+            init = (
+                jax.tree.map(jnp.zeros_like, state.params),
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums),
+            )
+            (grads, sums), _ = jax.lax.scan(accumulate, init, (micro, rngs))
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = losses.summarise_loss_sums(sums)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(
+    model: T5, label_smoothing: float = 0.0, z_loss: float = 0.0
+) -> Callable[[PyTree, Batch], dict[str, Array]]:
+    """Returns eval_step(params, batch) -> loss sums, to add up over an evaluation split."""
+
+    def eval_step(params: PyTree, batch: Batch) -> dict[str, Array]:
+        logits = model_logits(model, params, batch)
+        _, sums = losses.step_by_step_loss(logits, batch, None, label_smoothing, z_loss)
+        return sums
+
+    return eval_step

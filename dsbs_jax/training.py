@@ -1,0 +1,360 @@
+"""The training program (run by `python -m dsbs_jax.train`), configured by gin.
+
+The t5x training program in small: sharded state created in place, a jitted
+train step with explicit shardings, periodic evaluation on the validation split
+(teacher-forced losses and decoded labels), the best checkpoint by validation
+metric kept, automatic resumption from MODEL_DIR, and the test split evaluated
+once at the end with the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+from tqdm import tqdm
+
+from dsbs_jax import evaluation, optimizers, trainer
+from dsbs_jax.checkpoints import Checkpointer
+from dsbs_jax.input_pipeline import train_batches
+from dsbs_jax.models.t5 import T5, T5Config, get_config
+from dsbs_jax.partitioning import Partitioner
+from dsbs_jax.summaries import MetricsWriter
+
+VOCAB_MULTIPLE = 128  # t5x pads the 32100-piece T5 vocabulary to 32128 the same way
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step."""
+
+
+@gin.configurable
+def t5_config(
+    preset: str = "small",
+    vocab_size: int | None = None,
+    dtype: str = "bfloat16",
+    dropout_rate: float = 0.1,
+    original_t5: bool = False,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """The student's hyper-parameters as gin sets them (see gin_configs/models/).
+
+    `vocab_size` None: the tasks' vocabulary size, rounded up to a multiple of 128.
+    `original_t5` selects ReLU and tied logits instead of T5 1.1's gated GELU.
+    """
+    config = dict(
+        preset=preset,
+        vocab_size=vocab_size,
+        dtype=jnp.dtype(dtype),
+        dropout_rate=dropout_rate,
+        **overrides,
+    )
+    if original_t5:
+        config.update(mlp_activations=("relu",), logits_via_embedding=True)
+    return config
+
+
+def build_model_config(config: Mapping[str, Any], vocabulary: seqio.Vocabulary) -> T5Config:
+    settings = dict(config)
+    preset = settings.pop("preset")
+    if settings.get("vocab_size") is None:
+        settings["vocab_size"] = -(-vocabulary.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    elif settings["vocab_size"] < vocabulary.vocab_size:
+        raise ValueError(
+            f"model vocab_size {settings['vocab_size']} is smaller than the tasks' vocabulary "
+            f"({vocabulary.vocab_size} pieces)"
+        )
+    return get_config(preset, **settings)
+
+
+def _task_vocabulary(mixture_or_task_name: str) -> seqio.Vocabulary:
+    return seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"].vocabulary
+
+
+def _primary_metric(mixture_or_task_name: str, split: str) -> str | None:
+    """The validation metric that picks the best checkpoint, e.g. 'valid/accuracy'."""
+    tasks = evaluation.metric_tasks(mixture_or_task_name)
+    if not tasks:
+        return None
+    return f"{split}/{tasks[0].name}/{tasks[0].metric_fns[0].__name__}"
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class _Run:
+    """What train, eval and infer share: model, partitioner and sharded state for one config."""
+
+    def __init__(
+        self,
+        mixture_or_task_name: str,
+        task_feature_lengths: Mapping[str, int],
+        model_config: Mapping[str, Any],
+        train_steps: int,
+        seed: int,
+    ) -> None:
+        self.vocabulary = _task_vocabulary(mixture_or_task_name)
+        self.config = build_model_config(model_config, self.vocabulary)
+        self.model = T5(self.config)
+        self.partitioner = Partitioner()
+        self.optimizer = optimizers.make_optimizer(train_steps)
+        lengths = task_feature_lengths
+
+        def init_params(rng: jax.Array) -> Any:
+            encoder = jnp.ones((1, lengths["inputs"]), jnp.int32)
+            decoder = jnp.ones((1, lengths["targets"]), jnp.int32)
+            return self.model.init(rng, encoder, decoder, enable_dropout=False)["params"]
+
+        params, _ = self.partitioner.init_sharded(init_params, jax.random.key(seed))
+        with self.partitioner.activation_rules():
+            self.state = jax.jit(lambda p: trainer.init_state(p, self.optimizer))(params)
+        self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+
+
+@gin.configurable
+def train(
+    *,
+    model_dir: str = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    train_steps: int = gin.REQUIRED,
+    batch_size: int = gin.REQUIRED,
+    model_config: Mapping[str, Any] = gin.REQUIRED,
+    random_seed: int = 0,
+    num_microbatches: int = 1,
+    pack: bool = True,
+    eval_period: int = 1000,
+    eval_split: str = "valid",
+    test_split: str | None = "test",
+    eval_batch_size: int = 64,
+    max_decode_length: int | None = None,
+    log_period: int = 10,
+    label_smoothing: float = 0.0,
+    z_loss: float = 1e-4,
+    use_cached: bool = False,
+) -> dict[str, float]:
+    """Trains, evaluates on `eval_split` every `eval_period` steps, then tests the best."""
+    model_dir_path = Path(model_dir).expanduser()
+    is_host0 = jax.process_index() == 0
+    if is_host0:
+        model_dir_path.mkdir(parents=True, exist_ok=True)
+        (model_dir_path / "config.gin").write_text(gin.config_str())
+    if batch_size % jax.process_count():
+        raise ValueError(f"BATCH_SIZE {batch_size} is not divisible by {jax.process_count()} hosts")
+    run_ = _Run(mixture_or_task_name, task_feature_lengths, model_config, train_steps, random_seed)
+    if is_host0:
+        (model_dir_path / "model-info.txt").write_text(_model_info(run_))
+    partitioner = run_.partitioner
+    best_metric = _primary_metric(mixture_or_task_name, eval_split)
+    checkpointer = (
+        Checkpointer(model_dir_path, best_metric=best_metric)
+        if best_metric
+        else Checkpointer(model_dir_path, keep_best=False)
+    )
+    writer = MetricsWriter(model_dir_path, enabled=is_host0)
+
+    state, start_step = run_.state, 0
+    if checkpointer.latest_step() is not None:
+        state, data = checkpointer.restore(_abstract(state))
+        start_step = int(state.step)
+        if data.get("seed") != random_seed:
+            raise ValueError(
+                f"MODEL_DIR {model_dir_path} was trained with RANDOM_SEED {data.get('seed')}, "
+                f"not {random_seed}; use another MODEL_DIR"
+            )
+        print(f"resuming from {model_dir_path} at step {start_step}", file=sys.stderr)
+
+    with partitioner.activation_rules():
+        train_step = jax.jit(
+            trainer.make_train_step(
+                run_.model, run_.optimizer, num_microbatches, label_smoothing, z_loss
+            ),
+            in_shardings=(run_.state_shardings, partitioner.data_sharding, partitioner.replicated),
+            out_shardings=(run_.state_shardings, partitioner.replicated),
+            donate_argnums=(0,),
+        )
+        eval_step = jax.jit(trainer.make_eval_step(run_.model, label_smoothing, z_loss))
+        evaluate = _Evaluator(
+            run_,
+            eval_step,
+            mixture_or_task_name,
+            task_feature_lengths,
+            eval_batch_size,
+            max_decode_length,
+        )
+        if start_step < train_steps:
+            batches = train_batches(
+                mixture_or_task_name,
+                task_feature_lengths,
+                batch_size // jax.process_count(),
+                partitioner.data_shard_info(),
+                random_seed,
+                pack,
+                start_step,
+                use_cached,
+            )
+            state = _train_loop(
+                state,
+                train_step,
+                batches,
+                partitioner,
+                start_step,
+                train_steps,
+                batch_size,
+                log_period,
+                eval_period,
+                eval_split,
+                evaluate,
+                checkpointer,
+                writer,
+                random_seed,
+            )
+        else:
+            print(f"{model_dir_path} is already trained to step {start_step}", file=sys.stderr)
+        results: dict[str, float] = {}
+        if test_split:
+            if checkpointer.best_step() is not None:
+                state, _ = checkpointer.restore(_abstract(state), best=True)
+            results = evaluate(state.params, test_split)
+            writer.write(int(state.step), f"test_{test_split}", results)
+            if is_host0:
+                (model_dir_path / "test_results.json").write_text(
+                    json.dumps({"step": int(state.step), **results}, indent=2) + "\n"
+                )
+                print(_format_results(f"{test_split} (checkpoint {int(state.step)})", results))
+    checkpointer.close()
+    writer.close()
+    return results
+
+
+class _Evaluator:
+    """Validation/test evaluation: teacher-forced losses of the mixture, decoded label metrics."""
+
+    def __init__(
+        self,
+        run_: _Run,
+        eval_step: Any,
+        name: str,
+        lengths: Mapping[str, int],
+        batch_size: int,
+        max_decode_length: int | None,
+    ) -> None:
+        self._run, self._eval_step, self._name, self._lengths = run_, eval_step, name, lengths
+        self._batch_size = batch_size
+        self._max_decode_length = max_decode_length or lengths["targets"]
+
+    def __call__(self, params: Any, split: str) -> dict[str, float]:
+        run_ = self._run
+        losses = evaluation.teacher_forced(
+            self._eval_step,
+            params,
+            run_.partitioner,
+            self._name,
+            self._lengths,
+            split,
+            self._batch_size,
+        )
+        results = {f"{split}/{k}": v for k, v in losses.items()}
+        for task in evaluation.metric_tasks(self._name):
+            rows = evaluation.decode_task(
+                run_.model,
+                params,
+                run_.partitioner,
+                task,
+                split,
+                self._lengths["inputs"],
+                self._batch_size,
+                self._max_decode_length,
+            )
+            scores = evaluation.score(task, rows)
+            results.update({f"{split}/{task.name}/{k}": v for k, v in scores.items()})
+        return results
+
+
+def _train_loop(
+    state: trainer.TrainState,
+    train_step: Any,
+    batches: Any,
+    partitioner: Partitioner,
+    start_step: int,
+    train_steps: int,
+    batch_size: int,
+    log_period: int,
+    eval_period: int,
+    eval_split: str,
+    evaluate: _Evaluator,
+    checkpointer: Checkpointer,
+    writer: MetricsWriter,
+    seed: int,
+) -> trainer.TrainState:
+    rng = jax.random.key(seed)
+    pending: list[dict[str, jax.Array]] = []
+    window_start, window_step = time.perf_counter(), start_step
+    bar = tqdm(
+        total=train_steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=jax.process_index() != 0,
+    )
+    for step in range(start_step + 1, train_steps + 1):
+        state, metrics = train_step(state, partitioner.shard_batch(next(batches)), rng)
+        pending.append(metrics)
+        if step % log_period == 0 or step == train_steps:
+            logged = _mean_metrics(jax.device_get(pending), step - len(pending) + 1)
+            elapsed = time.perf_counter() - window_start
+            steps_per_s = (step - window_step) / elapsed
+            logged.update(steps_per_second=steps_per_s, seqs_per_second=steps_per_s * batch_size)
+            writer.write(step, "train", logged)
+            bar.set_postfix(
+                loss=f"{logged['loss']:.4f}", ex_per_s=f"{steps_per_s * batch_size:.1f}"
+            )
+            pending, window_start, window_step = [], time.perf_counter(), step
+        bar.update(1)
+        metrics_for_best = None
+        if step % eval_period == 0 or step == train_steps:
+            metrics_for_best = evaluate(state.params, eval_split)
+            writer.write(step, "training_eval", metrics_for_best)
+            bar.write(_format_results(f"{eval_split} at step {step}", metrics_for_best))
+        data = {"step": step, "seed": seed}
+        checkpointer.save(step, state, data, metrics_for_best, force=step == train_steps)
+    bar.close()
+    return state
+
+
+def _mean_metrics(history: Sequence[Mapping[str, np.ndarray]], first_step: int) -> dict:
+    for offset, metrics in enumerate(history):
+        if not math.isfinite(float(metrics["loss"])):
+            raise NonFiniteLossError(
+                f"loss is {float(metrics['loss'])} at step {first_step + offset}; lower the "
+                "learning rate, check the data, or resume from the last checkpoint"
+            )
+    return {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+
+
+def _format_results(title: str, results: Mapping[str, float]) -> str:
+    lines = [f"{title}:"]
+    lines += [f"  {k} = {v:.4f}" for k, v in sorted(results.items())]
+    return "\n".join(lines)
+
+
+def _model_info(run_: _Run) -> str:
+    lines = [f"{run_.config}", ""]
+    flat = jax.tree_util.tree_flatten_with_path(run_.state.params)[0]
+    total = 0
+    for path, leaf in flat:
+        total += leaf.size
+        lines.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} {leaf.sharding.spec}")
+    lines.append(f"total parameters: {total:,}")
+    return "\n".join(lines) + "\n"
