@@ -36,6 +36,9 @@ STATE_ITEM = "state"
 DATA_ITEM = "data"
 STEP_PREFIX = "checkpoint"
 BEST_SUBDIR = "best"
+# The best checkpoint's ranking value is stored under one key, whatever the metric is called,
+# so a Checkpointer opened for inference finds the best without knowing the metric's name.
+BEST_VALUE_KEY = "best_metric_value"
 _MAX_REPORTED_MISMATCHES = 3
 
 
@@ -134,15 +137,16 @@ class Checkpointer:
                 options=self._options(
                     max_to_keep=1,
                     async_save=async_save,
-                    best_fn=lambda metrics: metrics[best_metric],
+                    best_fn=lambda metrics: metrics[BEST_VALUE_KEY],
                     best_mode=best_mode,
                     keep_checkpoints_without_metrics=False,
                 ),
                 handler_registry=_handler_registry(),
             )
             best_step = self._best.best_step()
-            if best_step is not None:
-                self._best_value = float(self._best.metrics(best_step)[best_metric])
+            saved = self._best.metrics(best_step) if best_step is not None else None
+            if saved:
+                self._best_value = float(saved[BEST_VALUE_KEY])
 
     @staticmethod
     def _options(max_to_keep: int, async_save: bool, **kwargs: Any) -> ocp.CheckpointManagerOptions:
@@ -186,7 +190,7 @@ class Checkpointer:
         if self._best is not None and metrics is not None and self.best_metric in metrics:
             value = float(metrics[self.best_metric])
             if self._improves(value) and step not in self._best.all_steps():
-                self._best.save(step, args=composite, metrics={self.best_metric: value}, force=True)
+                self._best.save(step, args=composite, metrics={BEST_VALUE_KEY: value}, force=True)
                 self._best_value = value
                 saved = True
         return saved

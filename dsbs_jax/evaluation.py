@@ -87,6 +87,37 @@ def _decode_text(vocabulary: seqio.Vocabulary, tokens: np.ndarray, eos_id: int) 
     return vocabulary.decode(ids)
 
 
+def decode_batches(
+    model: T5,
+    params: PyTree,
+    partitioner: Partitioner,
+    vocabulary: seqio.Vocabulary,
+    examples: Iterator[Mapping[str, np.ndarray]],
+    num_examples: int,
+    batch_size: int,
+    max_decode_length: int,
+) -> list[str]:
+    """Greedy-decodes {"encoder_input_tokens": [length]} examples into texts, in order."""
+    eos_id = vocabulary.eos_id
+    texts: list[str] = []
+    batches = fixed_size_batches(examples, batch_size)
+    with tqdm(
+        total=num_examples,
+        desc="decode",
+        unit="ex",
+        leave=False,
+        disable=num_examples < 512 or jax.process_index() != 0,
+    ) as bar:
+        for batch, real in batches:
+            local = partitioner.shard_batch(_host_slice(batch))["encoder_input_tokens"]
+            with partitioner.activation_rules():
+                tokens = decoding.greedy_decode(model, params, local, max_decode_length, eos_id)
+            tokens = multihost_utils.process_allgather(tokens, tiled=True)
+            texts += [_decode_text(vocabulary, row, eos_id) for row in tokens[:real]]
+            bar.update(real)
+    return texts
+
+
 def decode_task(
     model: T5,
     params: PyTree,
@@ -104,29 +135,24 @@ def decode_task(
         shuffle=False,
         num_epochs=1,
     )
-    vocabulary = task.output_features["targets"].vocabulary
-    eos_id = vocabulary.eos_id
+    examples = list(ds.as_numpy_iterator())
 
     def padded(ex: Mapping[str, Any]) -> dict[str, np.ndarray]:
         tokens = np.zeros(inputs_length, np.int32)
         tokens[: len(ex["inputs"])] = ex["inputs"]
         return {"encoder_input_tokens": tokens}
 
-    examples = list(ds.as_numpy_iterator())
-    predictions: list[str] = []
-    batches = fixed_size_batches((padded(ex) for ex in examples), batch_size)
-    for batch, real in tqdm(
-        batches,
-        desc=f"decode {task.name}/{split}",
-        leave=False,
-        total=-(-len(examples) // batch_size),
-        disable=len(examples) < 512,
-    ):
-        local = partitioner.shard_batch(_host_slice(batch))["encoder_input_tokens"]
-        with partitioner.activation_rules():
-            tokens = decoding.greedy_decode(model, params, local, max_decode_length, eos_id)
-        tokens = multihost_utils.process_allgather(tokens, tiled=True)
-        predictions += [_decode_text(vocabulary, row, eos_id) for row in tokens[:real]]
+    vocabulary = task.output_features["targets"].vocabulary
+    predictions = decode_batches(
+        model,
+        params,
+        partitioner,
+        vocabulary,
+        (padded(ex) for ex in examples),
+        len(examples),
+        batch_size,
+        max_decode_length,
+    )
     return [
         {
             "id": ex["id"].decode(),

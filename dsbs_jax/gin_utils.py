@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -120,4 +121,5 @@ def run(
 
 def _one_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
+    text = re.sub(r"\s*In call to configurable '[^']*' \(<[^>]*>\)", "", text)
     return " ".join(line.strip() for line in text.splitlines() if line.strip())

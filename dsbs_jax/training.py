@@ -89,12 +89,16 @@ def _primary_metric(mixture_or_task_name: str, split: str) -> str | None:
     return f"{split}/{tasks[0].name}/{tasks[0].metric_fns[0].__name__}"
 
 
-def _abstract(tree: Any) -> Any:
+def abstract_like(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-class _Run:
-    """What train, eval and infer share: model, partitioner and sharded state for one config."""
+class Student:
+    """A student for one config: model, partitioner, optimizer and sharded initial state.
+
+    Training, evaluation and inference all start here, so they agree on shapes and
+    shardings and can restore one another's checkpoints.
+    """
 
     def __init__(
         self,
@@ -152,10 +156,12 @@ def train(
         (model_dir_path / "config.gin").write_text(gin.config_str())
     if batch_size % jax.process_count():
         raise ValueError(f"BATCH_SIZE {batch_size} is not divisible by {jax.process_count()} hosts")
-    run_ = _Run(mixture_or_task_name, task_feature_lengths, model_config, train_steps, random_seed)
+    student = Student(
+        mixture_or_task_name, task_feature_lengths, model_config, train_steps, random_seed
+    )
     if is_host0:
-        (model_dir_path / "model-info.txt").write_text(_model_info(run_))
-    partitioner = run_.partitioner
+        (model_dir_path / "model-info.txt").write_text(_model_info(student))
+    partitioner = student.partitioner
     best_metric = _primary_metric(mixture_or_task_name, eval_split)
     checkpointer = (
         Checkpointer(model_dir_path, best_metric=best_metric)
@@ -164,9 +170,9 @@ def train(
     )
     writer = MetricsWriter(model_dir_path, enabled=is_host0)
 
-    state, start_step = run_.state, 0
+    state, start_step = student.state, 0
     if checkpointer.latest_step() is not None:
-        state, data = checkpointer.restore(_abstract(state))
+        state, data = checkpointer.restore(abstract_like(state))
         start_step = int(state.step)
         if data.get("seed") != random_seed:
             raise ValueError(
@@ -178,15 +184,19 @@ def train(
     with partitioner.activation_rules():
         train_step = jax.jit(
             trainer.make_train_step(
-                run_.model, run_.optimizer, num_microbatches, label_smoothing, z_loss
+                student.model, student.optimizer, num_microbatches, label_smoothing, z_loss
             ),
-            in_shardings=(run_.state_shardings, partitioner.data_sharding, partitioner.replicated),
-            out_shardings=(run_.state_shardings, partitioner.replicated),
+            in_shardings=(
+                student.state_shardings,
+                partitioner.data_sharding,
+                partitioner.replicated,
+            ),
+            out_shardings=(student.state_shardings, partitioner.replicated),
             donate_argnums=(0,),
         )
-        eval_step = jax.jit(trainer.make_eval_step(run_.model, label_smoothing, z_loss))
-        evaluate = _Evaluator(
-            run_,
+        eval_step = jax.jit(trainer.make_eval_step(student.model, label_smoothing, z_loss))
+        evaluate = SplitEvaluator(
+            student,
             eval_step,
             mixture_or_task_name,
             task_feature_lengths,
@@ -225,41 +235,41 @@ def train(
         results: dict[str, float] = {}
         if test_split:
             if checkpointer.best_step() is not None:
-                state, _ = checkpointer.restore(_abstract(state), best=True)
+                state, _ = checkpointer.restore(abstract_like(state), best=True)
             results = evaluate(state.params, test_split)
             writer.write(int(state.step), f"test_{test_split}", results)
             if is_host0:
                 (model_dir_path / "test_results.json").write_text(
                     json.dumps({"step": int(state.step), **results}, indent=2) + "\n"
                 )
-                print(_format_results(f"{test_split} (checkpoint {int(state.step)})", results))
+                print(format_results(f"{test_split} (checkpoint {int(state.step)})", results))
     checkpointer.close()
     writer.close()
     return results
 
 
-class _Evaluator:
+class SplitEvaluator:
     """Validation/test evaluation: teacher-forced losses of the mixture, decoded label metrics."""
 
     def __init__(
         self,
-        run_: _Run,
+        student: Student,
         eval_step: Any,
         name: str,
         lengths: Mapping[str, int],
         batch_size: int,
         max_decode_length: int | None,
     ) -> None:
-        self._run, self._eval_step, self._name, self._lengths = run_, eval_step, name, lengths
+        self._run, self._eval_step, self._name, self._lengths = student, eval_step, name, lengths
         self._batch_size = batch_size
         self._max_decode_length = max_decode_length or lengths["targets"]
 
     def __call__(self, params: Any, split: str) -> dict[str, float]:
-        run_ = self._run
+        student = self._run
         losses = evaluation.teacher_forced(
             self._eval_step,
             params,
-            run_.partitioner,
+            student.partitioner,
             self._name,
             self._lengths,
             split,
@@ -268,9 +278,9 @@ class _Evaluator:
         results = {f"{split}/{k}": v for k, v in losses.items()}
         for task in evaluation.metric_tasks(self._name):
             rows = evaluation.decode_task(
-                run_.model,
+                student.model,
                 params,
-                run_.partitioner,
+                student.partitioner,
                 task,
                 split,
                 self._lengths["inputs"],
@@ -293,7 +303,7 @@ def _train_loop(
     log_period: int,
     eval_period: int,
     eval_split: str,
-    evaluate: _Evaluator,
+    evaluate: SplitEvaluator,
     checkpointer: Checkpointer,
     writer: MetricsWriter,
     seed: int,
@@ -301,35 +311,36 @@ def _train_loop(
     rng = jax.random.key(seed)
     pending: list[dict[str, jax.Array]] = []
     window_start, window_step = time.perf_counter(), start_step
-    bar = tqdm(
+    with tqdm(
         total=train_steps,
         initial=start_step,
         desc="train",
         unit="step",
         disable=jax.process_index() != 0,
-    )
-    for step in range(start_step + 1, train_steps + 1):
-        state, metrics = train_step(state, partitioner.shard_batch(next(batches)), rng)
-        pending.append(metrics)
-        if step % log_period == 0 or step == train_steps:
-            logged = _mean_metrics(jax.device_get(pending), step - len(pending) + 1)
-            elapsed = time.perf_counter() - window_start
-            steps_per_s = (step - window_step) / elapsed
-            logged.update(steps_per_second=steps_per_s, seqs_per_second=steps_per_s * batch_size)
-            writer.write(step, "train", logged)
-            bar.set_postfix(
-                loss=f"{logged['loss']:.4f}", ex_per_s=f"{steps_per_s * batch_size:.1f}"
-            )
-            pending, window_start, window_step = [], time.perf_counter(), step
-        bar.update(1)
-        metrics_for_best = None
-        if step % eval_period == 0 or step == train_steps:
-            metrics_for_best = evaluate(state.params, eval_split)
-            writer.write(step, "training_eval", metrics_for_best)
-            bar.write(_format_results(f"{eval_split} at step {step}", metrics_for_best))
-        data = {"step": step, "seed": seed}
-        checkpointer.save(step, state, data, metrics_for_best, force=step == train_steps)
-    bar.close()
+    ) as bar:
+        for step in range(start_step + 1, train_steps + 1):
+            state, metrics = train_step(state, partitioner.shard_batch(next(batches)), rng)
+            pending.append(metrics)
+            if step % log_period == 0 or step == train_steps:
+                logged = _mean_metrics(jax.device_get(pending), step - len(pending) + 1)
+                elapsed = time.perf_counter() - window_start
+                steps_per_s = (step - window_step) / elapsed
+                logged.update(
+                    steps_per_second=steps_per_s, seqs_per_second=steps_per_s * batch_size
+                )
+                writer.write(step, "train", logged)
+                bar.set_postfix(
+                    loss=f"{logged['loss']:.4f}", ex_per_s=f"{steps_per_s * batch_size:.1f}"
+                )
+                pending, window_start, window_step = [], time.perf_counter(), step
+            bar.update(1)
+            metrics_for_best = None
+            if step % eval_period == 0 or step == train_steps:
+                metrics_for_best = evaluate(state.params, eval_split)
+                writer.write(step, "training_eval", metrics_for_best)
+                bar.write(format_results(f"{eval_split} at step {step}", metrics_for_best))
+            data = {"step": step, "seed": seed}
+            checkpointer.save(step, state, data, metrics_for_best, force=step == train_steps)
     return state
 
 
@@ -343,15 +354,15 @@ def _mean_metrics(history: Sequence[Mapping[str, np.ndarray]], first_step: int) 
     return {k: float(np.mean([m[k] for m in history])) for k in history[0]}
 
 
-def _format_results(title: str, results: Mapping[str, float]) -> str:
+def format_results(title: str, results: Mapping[str, float]) -> str:
     lines = [f"{title}:"]
     lines += [f"  {k} = {v:.4f}" for k, v in sorted(results.items())]
     return "\n".join(lines)
 
 
-def _model_info(run_: _Run) -> str:
-    lines = [f"{run_.config}", ""]
-    flat = jax.tree_util.tree_flatten_with_path(run_.state.params)[0]
+def _model_info(student: Student) -> str:
+    lines = [f"{student.config}", ""]
+    flat = jax.tree_util.tree_flatten_with_path(student.state.params)[0]
     total = 0
     for path, leaf in flat:
         total += leaf.size

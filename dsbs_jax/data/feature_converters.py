@@ -73,7 +73,8 @@ class StepByStepFeatureConverter(seqio.EncDecFeatureConverter):
     ) -> tf.data.Dataset:
         def spread_role(ex: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             role = ex.get("task_role", tf.constant(int(TaskRole.LABEL), tf.int32))
-            return {**ex, ROLE_TOKENS: tf.fill(tf.shape(ex["targets"]), role)}
+            kept = {k: v for k, v in ex.items() if k != "task_role"}
+            return {**kept, ROLE_TOKENS: tf.fill(tf.shape(ex["targets"]), role)}
 
         lengths = {**task_feature_lengths, ROLE_TOKENS: task_feature_lengths["targets"]}
         ds = self._pack_or_pad(ds.map(spread_role, num_parallel_calls=tf.data.AUTOTUNE), lengths)

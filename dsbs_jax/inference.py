@@ -1,0 +1,176 @@
+"""Evaluate a trained student, or write its predictions, from a MODEL_DIR.
+
+Both read the run's own gin file (the one it was trained with, or
+MODEL_DIR/config.gin), rebuild the same student and restore its best
+checkpoint (or the latest, or a given step).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import gin
+import jax
+import numpy as np
+import seqio
+
+from dsbs_jax import evaluation, trainer
+from dsbs_jax.checkpoints import Checkpointer
+from dsbs_jax.data.preprocessors import EXPLAIN_PREFIX, PREDICT_PREFIX
+from dsbs_jax.training import SplitEvaluator, Student, abstract_like, format_results
+
+
+def restore_student(
+    model_dir: str,
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    model_config: Mapping[str, Any],
+    checkpoint: str | int = "best",
+) -> tuple[Student, Any, int]:
+    """(student, params, step) from MODEL_DIR's "best" or "latest" checkpoint, or a step."""
+    student = Student(mixture_or_task_name, task_feature_lengths, model_config, 1, 0)
+    with Checkpointer(Path(model_dir).expanduser(), keep_best=checkpoint == "best") as ckpt:
+        if checkpoint == "best" and ckpt.best_step() is None:
+            checkpoint = "latest"  # a run without validation metrics keeps no best
+        step = None if isinstance(checkpoint, str) else int(checkpoint)
+        state, _ = ckpt.restore(abstract_like(student.state), step=step, best=checkpoint == "best")
+    return student, state.params, int(state.step)
+
+
+@gin.configurable
+def evaluate(
+    *,
+    model_dir: str = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    model_config: Mapping[str, Any] = gin.REQUIRED,
+    split: str = "test",
+    checkpoint: str | int = "best",
+    batch_size: int = 64,
+    max_decode_length: int | None = None,
+) -> dict[str, float]:
+    """Teacher-forced losses and decoded-label metrics of a checkpoint on `split`."""
+    student, params, step = restore_student(
+        model_dir, mixture_or_task_name, task_feature_lengths, model_config, checkpoint
+    )
+    with student.partitioner.activation_rules():
+        eval_step = jax.jit(trainer.make_eval_step(student.model))
+        results = SplitEvaluator(
+            student,
+            eval_step,
+            mixture_or_task_name,
+            task_feature_lengths,
+            batch_size,
+            max_decode_length,
+        )(params, split)
+    if jax.process_index() == 0:
+        out = Path(model_dir).expanduser() / f"eval_{split}_checkpoint_{step}.json"
+        out.write_text(json.dumps({"step": step, **results}, indent=2) + "\n")
+        print(format_results(f"{split} (checkpoint {step})", results))
+    return results
+
+
+def _read_inputs(input_file: str) -> list[dict[str, str]]:
+    rows = []
+    with open(Path(input_file).expanduser(), encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                row = json.loads(line)
+                if "input" not in row:
+                    raise ValueError(f"{input_file}:{lineno}: a line needs an 'input' field")
+                rows.append({"id": str(row.get("id", lineno)), "input": row["input"]})
+    return rows
+
+
+def _task_inputs(mixture_or_task_name: str, split: str) -> list[dict[str, str]]:
+    """The raw inputs of a split, read through the mixture's first label task."""
+    (task, *_) = evaluation.metric_tasks(mixture_or_task_name)
+    ds = task.get_dataset(None, split=split, shuffle=False, num_epochs=1)
+    return [
+        {
+            "id": ex["id"].decode(),
+            "input": ex["inputs_pretokenized"].decode().removeprefix(PREDICT_PREFIX),
+        }
+        for ex in ds.as_numpy_iterator()
+    ]
+
+
+def _generate(
+    student: Student,
+    params: Any,
+    vocabulary: seqio.Vocabulary,
+    texts: Sequence[str],
+    inputs_length: int,
+    batch_size: int,
+    max_decode_length: int,
+) -> list[str]:
+    def encoded(text: str) -> dict[str, np.ndarray]:
+        ids = (vocabulary.encode(text) + [vocabulary.eos_id])[:inputs_length]
+        tokens = np.zeros(inputs_length, np.int32)
+        tokens[: len(ids)] = ids
+        return {"encoder_input_tokens": tokens}
+
+    return evaluation.decode_batches(
+        student.model,
+        params,
+        student.partitioner,
+        vocabulary,
+        (encoded(t) for t in texts),
+        len(texts),
+        batch_size,
+        max_decode_length,
+    )
+
+
+@gin.configurable
+def infer(
+    *,
+    model_dir: str = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    model_config: Mapping[str, Any] = gin.REQUIRED,
+    input_file: str | None = None,
+    split: str = "test",
+    output_file: str | None = None,
+    rationales: bool = False,
+    checkpoint: str | int = "best",
+    batch_size: int = 64,
+    max_decode_length: int | None = None,
+) -> Path:
+    """Writes {id, input, label[, rationale]} JSON lines for `input_file` (or `split`).
+
+    Only the label is generated unless `rationales`: at deployment the rationale
+    costs nothing.
+    """
+    student, params, step = restore_student(
+        model_dir, mixture_or_task_name, task_feature_lengths, model_config, checkpoint
+    )
+    rows = _read_inputs(input_file) if input_file else _task_inputs(mixture_or_task_name, split)
+    decode_length = max_decode_length or task_feature_lengths["targets"]
+    prompts = {"label": PREDICT_PREFIX}
+    if rationales:
+        prompts["rationale"] = EXPLAIN_PREFIX
+    with student.partitioner.activation_rules():
+        for field, prefix in prompts.items():
+            outputs = _generate(
+                student,
+                params,
+                student.vocabulary,
+                [prefix + r["input"] for r in rows],
+                task_feature_lengths["inputs"],
+                batch_size,
+                decode_length,
+            )
+            for row, output in zip(rows, outputs, strict=True):
+                row[field] = output
+    out = Path(output_file or Path(model_dir) / f"predictions_{split}_checkpoint_{step}.jsonl")
+    out = out.expanduser()
+    if jax.process_index() == 0:
+        with out.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print(f"wrote {len(rows)} predictions (checkpoint {step}) to {out}")
+    return out

@@ -1,0 +1,216 @@
+"""The training program: learning, sharding parity, resumption, and its failure messages."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import seqio
+
+from dsbs_jax import trainer
+from dsbs_jax.checkpoints import Checkpointer
+from dsbs_jax.input_pipeline import train_batches
+from dsbs_jax.models.t5 import T5, get_config
+from dsbs_jax.partitioning import Partitioner
+from dsbs_jax.train import main
+
+LENGTHS = {"inputs": 64, "targets": 64}
+MIXTURE = "dsbs_synthetic_step_by_step"
+
+
+def _batch(rows: int = 8) -> dict[str, np.ndarray]:
+    batches = train_batches(MIXTURE, LENGTHS, rows, seqio.ShardInfo(0, 1), seed=0)
+    return next(batches)
+
+
+def _model(vocab_size: int = 128) -> T5:
+    config = get_config(
+        "tiny", vocab_size=vocab_size, num_heads=4, head_dim=8, dtype=jnp.float32, dropout_rate=0.0
+    )
+    return T5(config)
+
+
+def _init(model: T5, partitioner: Partitioner, optimizer):
+    def init_params(rng):
+        ones = jnp.ones((1, 8), jnp.int32)
+        return model.init(rng, ones, ones, enable_dropout=False)["params"]
+
+    params, _ = partitioner.init_sharded(init_params, jax.random.key(0))
+    with partitioner.activation_rules():
+        state = jax.jit(lambda p: trainer.init_state(p, optimizer))(params)
+    return state
+
+
+def _run_steps(num_partitions: int, batch, steps: int = 3) -> list[float]:
+    model, optimizer = _model(), optax.adamw(1e-3)
+    partitioner = Partitioner(num_partitions=num_partitions)
+    state = _init(model, partitioner, optimizer)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    with partitioner.activation_rules():
+        step_fn = jax.jit(
+            trainer.make_train_step(model, optimizer),
+            in_shardings=(shardings, partitioner.data_sharding, partitioner.replicated),
+            out_shardings=(shardings, partitioner.replicated),
+        )
+        global_batch = partitioner.shard_batch(batch)
+        losses = []
+        for _ in range(steps):
+            state, metrics = step_fn(state, global_batch, jax.random.key(1))
+            losses.append(float(metrics["loss"]))
+    return losses
+
+
+def test_loss_goes_down_on_a_fixed_batch(gin_cache_root):
+    losses = _run_steps(1, _batch(), steps=40)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("num_partitions", [1, 2, 4])
+def test_sharded_training_equals_one_device(gin_cache_root, num_partitions):
+    """Meshes (8,1), (4,2), (2,4) against a single-device run."""
+    batch = _batch()
+    single = Partitioner(num_partitions=1, devices=jax.devices()[:1])
+    model, optimizer = _model(), optax.adamw(1e-3)
+    state = _init(model, single, optimizer)
+    step_fn = jax.jit(trainer.make_train_step(model, optimizer))
+    reference = []
+    for _ in range(3):
+        state, metrics = step_fn(
+            state, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(1)
+        )
+        reference.append(float(metrics["loss"]))
+    np.testing.assert_allclose(_run_steps(num_partitions, batch), reference, rtol=2e-5)
+
+
+def test_resumed_pipeline_gives_the_next_batch(gin_cache_root):
+    fresh = train_batches(MIXTURE, LENGTHS, 4, seqio.ShardInfo(0, 1), seed=3)
+    expected = [next(fresh) for _ in range(6)][5]
+    resumed = train_batches(MIXTURE, LENGTHS, 4, seqio.ShardInfo(0, 1), seed=3, start_step=5)
+    got = next(resumed)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value)
+
+
+def _flags(data_dir: Path, model_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--gin_file=runs/base.gin",
+        "--gin_file=models/tiny.gin",
+        f"--gin.DATA_DIR='{data_dir}'",
+        f"--gin.MODEL_DIR='{model_dir}'",
+        f"--gin.MIXTURE_OR_TASK_NAME='{MIXTURE}'",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}",
+        "--gin.BATCH_SIZE=8",
+        "--gin.LEARNING_RATE=1e-3",
+        "--gin.DROPOUT_RATE=0.0",
+        "--gin.train.eval_batch_size=32",
+        "--gin.train.max_decode_length=4",
+        *extra,
+    ]
+
+
+def _final_params(model_dir: Path) -> list[np.ndarray]:
+    with Checkpointer(model_dir, keep_best=False) as ckpt:
+        step = ckpt.latest_step()
+        manager_dir = model_dir / f"checkpoint_{step}" / "state"
+        import orbax.checkpoint as ocp
+
+        restored = ocp.StandardCheckpointer().restore(manager_dir)
+    return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_parameters(gin_cache_root, tmp_path):
+    """SIGKILL after a checkpoint, run the same command again: same result as no interruption."""
+    common = (
+        "--gin.TRAIN_STEPS=30",
+        "--gin.EVAL_PERIOD=1000",
+        "--gin.Checkpointer.period=5",
+        "--gin.train.test_split=None",
+    )
+    straight = tmp_path / "straight"
+    assert main(_flags(gin_cache_root, straight, *common)) == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "dsbs_jax.train", *_flags(gin_cache_root, killed, *common)]
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=Path(__file__).parents[1],
+    )
+    deadline = time.time() + 240
+    while not (killed / "checkpoint_5").is_dir() and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    with Checkpointer(killed, keep_best=False) as ckpt:
+        stopped_at = ckpt.latest_step()
+    assert stopped_at is not None and stopped_at < 30
+
+    assert main(_flags(gin_cache_root, killed, *common)) == 0
+    for a, b in zip(_final_params(killed), _final_params(straight), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_demo_style_run_learns_and_resumes(gin_cache_root, tmp_path, capsys):
+    flags = _flags(
+        gin_cache_root,
+        tmp_path / "run",
+        "--gin.TRAIN_STEPS=40",
+        "--gin.EVAL_PERIOD=20",
+        "--gin.LEARNING_RATE=3e-3",
+    )
+    assert main(flags) == 0
+    out = capsys.readouterr()
+    assert "test (checkpoint" in out.out and "test/dsbs_synthetic_label_llm/accuracy" in out.out
+    records = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any('"group": "training_eval"' in r for r in records)
+    assert (tmp_path / "run" / "config.gin").read_text().count("MIXTURE_OR_TASK_NAME") >= 1
+    assert (tmp_path / "run" / "train").is_dir()  # TensorBoard events
+    assert main(flags) == 0  # a second run resumes at the end instead of starting over
+    assert "already trained to step 40" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--gin.no_such_function.x=1"], "error: bad gin configuration: No configurable"),
+        (
+            ["--gin.MIXTURE_OR_TASK_NAME='dsbs_nope'"],
+            "error: No Task or Mixture found with name 'dsbs_nope'.",
+        ),
+        (
+            ["--gin.LEARNING_RATE=1e38", "--gin.TRAIN_STEPS=20", "--gin.train.log_period=1"],
+            "error: loss is nan at step",
+        ),
+    ],
+    ids=["unknown-binding", "unknown-task", "nan-loss"],
+)
+def test_failures_are_one_clear_line(gin_cache_root, tmp_path, capsys, extra, message):
+    code = main(_flags(gin_cache_root, tmp_path / "run", "--gin.TRAIN_STEPS=2", *extra))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith(message), err
+
+
+def test_incompatible_checkpoint_is_refused(gin_cache_root, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    common = ("--gin.TRAIN_STEPS=2", "--gin.train.test_split=None", "--gin.EVAL_PERIOD=1000")
+    assert main(_flags(gin_cache_root, run_dir, *common)) == 0
+    capsys.readouterr()
+    code = main(_flags(gin_cache_root, run_dir, *common, "--gin.t5_config.mlp_dim=96"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"MODEL_DIR {run_dir} holds an incompatible checkpoint" in err
