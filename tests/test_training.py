@@ -214,3 +214,18 @@ def test_incompatible_checkpoint_is_refused(gin_cache_root, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert f"MODEL_DIR {run_dir} holds an incompatible checkpoint" in err
+
+
+RUN_CONFIGS = sorted(p.name for p in (Path(__file__).parents[1] / "gin_configs" / "runs").glob("*.gin"))
+
+
+@pytest.mark.parametrize("run_config", [r for r in RUN_CONFIGS if r != "base.gin"])
+def test_every_run_config_parses_and_names_a_registered_mixture(gin_cache_root, run_config):
+    import gin
+
+    from dsbs_jax.gin_utils import parse_gin
+
+    parse_gin([f"runs/{run_config}"], ["MODEL_DIR = '/tmp/unused'"], [])
+    name = gin.query_parameter("MIXTURE_OR_TASK_NAME/macro.value")
+    assert seqio.get_mixture_or_task(name).name == name
+    assert gin.query_parameter("train.train_steps") is not None
