@@ -82,7 +82,7 @@ def _task_vocabulary(mixture_or_task_name: str) -> seqio.Vocabulary:
 
 
 def _primary_metric(mixture_or_task_name: str, split: str) -> str | None:
-    """The validation metric that picks the best checkpoint, e.g. 'valid/accuracy'."""
+    """The metric that picks the best checkpoint, e.g. 'valid/dsbs_cqa_label_llm/accuracy'."""
     tasks = evaluation.metric_tasks(mixture_or_task_name)
     if not tasks:
         return None

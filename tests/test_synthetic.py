@@ -81,7 +81,9 @@ def test_error_free_teacher_is_right_and_its_arithmetic_checks_out() -> None:
 
 
 def test_teacher_error_rate_and_slips_are_consistent() -> None:
-    config = SyntheticConfig(num_train=1000, num_valid=0, num_test=0, teacher_error_rate=0.3)
+    config = SyntheticConfig(
+        num_train=1000, num_valid=0, num_test=0, teacher_error_rate=0.3, max_steps=3
+    )
     records = generate(config)["train"]
     correct = sum(r.teacher_label == r.label for r in records)
     assert 0.62 <= correct / len(records) <= 0.78

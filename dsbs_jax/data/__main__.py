@@ -36,6 +36,7 @@ def _synthetic(args: argparse.Namespace) -> None:
         num_test=args.num_test,
         seed=args.seed,
         teacher_error_rate=args.teacher_error_rate,
+        max_steps=args.max_steps,
     )
     by_split = synthetic.generate(config)
     cache.write_splits(out_dir, by_split)
@@ -79,11 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("synthetic", help="write the built-in dataset and its vocabulary")
     p.add_argument("--out", required=True, help="cache root; writes <out>/synthetic/")
-    p.add_argument("--num-train", type=int, default=2000)
+    p.add_argument("--num-train", type=int, default=4000)
     p.add_argument("--num-valid", type=int, default=200)
     p.add_argument("--num-test", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher-error-rate", type=float, default=0.05)
+    p.add_argument("--max-steps", type=int, default=2, help="most reasoning steps a problem takes")
     p.add_argument("--vocab-size", type=int, default=256)
     p.set_defaults(run=_synthetic)
 

@@ -83,12 +83,12 @@ class SyntheticConfig:
     `max_number` the largest number the problem text states.
     """
 
-    num_train: int = 2000
+    num_train: int = 4000
     num_valid: int = 200
     num_test: int = 500
     seed: int = 0
     teacher_error_rate: float = 0.05
-    max_steps: int = 3
+    max_steps: int = 2
     max_number: int = 9
 
     def __post_init__(self) -> None:
