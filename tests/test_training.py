@@ -216,7 +216,8 @@ def test_incompatible_checkpoint_is_refused(gin_cache_root, tmp_path, capsys):
     assert f"MODEL_DIR {run_dir} holds an incompatible checkpoint" in err
 
 
-RUN_CONFIGS = sorted(p.name for p in (Path(__file__).parents[1] / "gin_configs" / "runs").glob("*.gin"))
+RUNS_DIR = Path(__file__).parents[1] / "gin_configs" / "runs"
+RUN_CONFIGS = sorted(p.name for p in RUNS_DIR.glob("*.gin"))
 
 
 @pytest.mark.parametrize("run_config", [r for r in RUN_CONFIGS if r != "base.gin"])
