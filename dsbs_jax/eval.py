@@ -11,7 +11,6 @@ import sys
 from collections.abc import Sequence
 
 from dsbs_jax import inference
-from dsbs_jax.checkpoints import IncompatibleCheckpointError
 from dsbs_jax.gin_utils import run
 
 
@@ -21,7 +20,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv,
         prog="python -m dsbs_jax.eval",
         description=__doc__,
-        expected_errors=(ValueError, FileNotFoundError, IncompatibleCheckpointError),
     )
 
 

@@ -22,6 +22,10 @@ from dsbs_jax.partitioning import initialize_distributed
 
 PROJECT_GIN_CONFIGS = Path(__file__).resolve().parents[1] / "gin_configs"
 EXIT_BAD_INPUT = 2
+# What a user's input can cause (bad files, unknown names, another model's checkpoint,
+# which is an IncompatibleCheckpointError(ValueError)); anything else is a bug and keeps
+# its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -84,7 +88,7 @@ def run(
     argv: Sequence[str] | None,
     prog: str,
     description: str,
-    expected_errors: tuple[type[BaseException], ...] = (),
+    extra_errors: tuple[type[BaseException], ...] = (),
 ) -> int:
     """Parses flags and gin, sets up multi-host JAX, runs `main`; one clear line per failure."""
     argv = sys.argv[1:] if argv is None else argv
@@ -107,7 +111,7 @@ def run(
     initialize_distributed(args.coordinator_address, args.process_count, args.process_index)
     try:
         main()
-    except expected_errors as e:
+    except (*USER_ERRORS, *extra_errors) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

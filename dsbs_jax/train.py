@@ -10,8 +10,6 @@ import sys
 from collections.abc import Sequence
 
 from dsbs_jax import training
-from dsbs_jax.checkpoints import IncompatibleCheckpointError
-from dsbs_jax.data.official import OfficialDataError
 from dsbs_jax.gin_utils import run
 
 
@@ -21,13 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv,
         prog="python -m dsbs_jax.train",
         description=__doc__,
-        expected_errors=(
-            ValueError,
-            FileNotFoundError,
-            IncompatibleCheckpointError,
-            training.NonFiniteLossError,
-            OfficialDataError,
-        ),
+        extra_errors=(training.NonFiniteLossError,),
     )
 
 

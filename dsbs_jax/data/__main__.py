@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dsbs_jax.data import cache, prepare
-from dsbs_jax.data.official import DATASETS, OfficialDataError
+from dsbs_jax.data.official import DATASETS
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (OfficialDataError, cache.CacheFormatError, FileNotFoundError, ValueError) as e:
+    except (ValueError, FileNotFoundError) as e:  # OfficialDataError, CacheFormatError too
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
