@@ -120,7 +120,7 @@ class Checkpointer:
             raise ValueError(f"period and keep must be >= 1, got period={period}, keep={keep}")
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-        self.model_dir = Path(model_dir)
+        self.model_dir = Path(model_dir).expanduser().absolute()  # orbax needs absolute paths
         self.period = period
         self.best_metric = best_metric
         self.best_mode = best_mode

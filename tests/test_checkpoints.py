@@ -207,3 +207,15 @@ def test_empty_model_dir(tmp_path: Path, mesh) -> None:
         assert ckpt.best_step() is None
         with pytest.raises(FileNotFoundError, match="has no checkpoint"):
             ckpt.restore(abstract(make_state(mesh, 0)))
+
+
+def test_relative_model_dir(tmp_path: Path, mesh, monkeypatch) -> None:
+    """MODEL_DIR = "runs/demo" as the demo config writes it: relative to the working dir."""
+    monkeypatch.chdir(tmp_path)
+    state = make_state(mesh, step=2)
+    with Checkpointer("runs/demo", period=1) as ckpt:
+        assert ckpt.save(2, state, {"step": 2}, metrics={"valid/accuracy": 1.0})
+    with Checkpointer("runs/demo", period=1) as ckpt:
+        assert (ckpt.latest_step(), ckpt.best_step()) == (2, 2)
+        assert_same(ckpt.restore(abstract(state))[0], state)
+    assert (tmp_path / "runs" / "demo" / "checkpoint_2").is_dir()
