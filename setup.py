@@ -23,10 +23,18 @@ setup(
         "tensorboard==2.21.0",
         "gin-config==0.5.0",
         "sentencepiece==0.2.3",
+        "safetensors==0.8.0",
         "tqdm>=4.66",
         "numpy>=2.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "torch==2.13.0",
+            "transformers==5.23.0",
+        ],
     },
 )

@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorstore as ts
 from etils import epath
 from flax import serialization, traverse_util
 
@@ -206,25 +207,22 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], **overrides: Any) 
     """
     mlp = "encoder/layers_0/mlp"
     gated = f"{mlp}/wi_0/kernel" in shapes
-    needed = [
-        _EMBEDDING,
-        "encoder/relpos_bias/rel_embedding",
-        "encoder/layers_0/attention/query/kernel",
-        f"{mlp}/wi_0/kernel" if gated else f"{mlp}/wi/kernel",
-    ]
-    absent = [name for name in needed if name not in shapes]
+    relpos = "encoder/relpos_bias/rel_embedding"
+    query = "encoder/layers_0/attention/query/kernel"
+    wi = f"{mlp}/wi_0/kernel" if gated else f"{mlp}/wi/kernel"
+    absent = [name for name in (_EMBEDDING, relpos, query, wi) if name not in shapes]
     if absent:
         raise CheckpointImportError(f"cannot infer the model size: {_named('missing', absent)}")
-    vocab_size, emb_dim = shapes[needed[0]]
-    num_heads, num_buckets = shapes[needed[1]]
+    vocab_size, emb_dim = shapes[_EMBEDDING]
+    num_heads, num_buckets = shapes[relpos]
     settings = dict(
         vocab_size=vocab_size,
         emb_dim=emb_dim,
         num_heads=num_heads,
-        head_dim=shapes[needed[2]][1] // num_heads,
+        head_dim=shapes[query][1] // num_heads,
         num_encoder_layers=_count_layers(shapes, "encoder"),
         num_decoder_layers=_count_layers(shapes, "decoder"),
-        mlp_dim=shapes[needed[3]][1],
+        mlp_dim=shapes[wi][1],
         mlp_activations=("gelu", "linear") if gated else ("relu",),
         logits_via_embedding=_LOGITS not in shapes,
         relative_attention_num_buckets=num_buckets,
@@ -235,6 +233,11 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], **overrides: Any) 
 def _count_layers(shapes: Mapping[str, Any], stack: str) -> int:
     pattern = re.compile(rf"{stack}/layers_(\d+)/")
     return len({m.group(1) for name in shapes if (m := pattern.match(name))})
+
+
+def checkpoint_format(path: str) -> str:
+    """'hf', 't5x' or 'ours': what `path` holds (a MODEL_DIR counts as its latest step)."""
+    return _resolve(path)[0]
 
 
 def checkpoint_config(path: str, **overrides: Any) -> T5Config:
@@ -301,19 +304,19 @@ def load_params(path: str, config: T5Config, shardings: Any) -> dict[str, Any]:
         raise ValueError("`shardings` does not match the parameters of `config`")
     dtype = jnp.dtype(config.param_dtype)
     if kind == "ours":
-        _check(path, _orbax_shapes(root), expected, str)
+        _check(path, _orbax_shapes(root), expected, str, _never)
         return _restore_orbax(root, expected, shardings, dtype)
     with contextlib.ExitStack() as stack:
         if kind == "hf":
             tensors = _hf_tensors(root, expected, config.logits_via_embedding, stack)
-            naming = _hf_name
+            naming, transposed = _hf_name, _hf_transposed
         else:
-            tensors, naming = _t5x_tensors(root), str
+            tensors, naming, transposed = _t5x_tensors(root), str, _never
 
         def label(p: str) -> str:
             return tensors[p].name if p in tensors else naming(p)
 
-        _check(path, {p: t.shape for p, t in tensors.items()}, expected, label)
+        _check(path, {p: t.shape for p, t in tensors.items()}, expected, label, transposed)
         arrays = {p: _place(tensors[p], expected[p], placement[p], dtype) for p in expected}
     return traverse_util.unflatten_dict(arrays, sep="/")
 
@@ -331,13 +334,27 @@ def _place(tensor: _Tensor, shape: tuple[int, ...], sharding: Any, dtype: Any) -
     return jax.make_array_from_callback(shape, sharding, read)
 
 
+def _never(path: str) -> bool:
+    """Layouts that match ours: nothing is transposed."""
+    return False
+
+
 def _check(
     path: str,
     found: Mapping[str, tuple[int, ...]],
     expected: Mapping[str, tuple[int, ...]],
     label: Callable[[str], str],
+    transposed: Callable[[str], bool],
 ) -> None:
-    """Raises one CheckpointImportError listing everything that does not fit the model."""
+    """Raises one CheckpointImportError listing everything that does not fit the model.
+
+    Parameters are named by `label` and shapes shown in the checkpoint's own layout (reversed
+    where `transposed`), so the message speaks the checkpoint's language.
+    """
+
+    def shape(p: str, dims: tuple[int, ...]) -> str:
+        return _shape(dims[::-1] if transposed(p) else dims)
+
     problems = []
     vocab, want_vocab = found.get(_EMBEDDING, (None,))[0], expected[_EMBEDDING][0]
     vocab_differs = vocab is not None and vocab != want_vocab
@@ -349,7 +366,7 @@ def _check(
     missing = [label(p) for p in expected if p not in found]
     unexpected = [label(p) for p in found if p not in expected]
     misshaped = [
-        f"{label(p)} {_shape(found[p])} (model: {_shape(expected[p])})"
+        f"{label(p)} {shape(p, found[p])} (model needs {shape(p, expected[p])})"
         for p in expected
         if p in found and found[p] != expected[p] and not (vocab_differs and p in _VOCAB_PARAMS)
     ]
@@ -386,15 +403,9 @@ def _resolve(path: str) -> tuple[str, epath.Path]:
     if not root.is_dir():
         raise CheckpointImportError(f"{path} is not a directory")
     kind = _kind(root)
-    if kind is None:
-        steps = sorted(
-            (int(m.group(1)), child)
-            for child in root.iterdir()
-            if (m := _STEP_DIR.fullmatch(child.name))
-        )
-        if steps:
-            root = steps[-1][1]
-            kind = _kind(root)
+    latest = None if kind else _latest_step_dir(root)
+    if latest is not None:
+        root, kind = latest, _kind(latest)
     if kind is None:
         raise CheckpointImportError(
             f"{path} is not a checkpoint: expected a Hugging Face T5 directory "
@@ -402,6 +413,16 @@ def _resolve(path: str) -> tuple[str, epath.Path]:
             f"(a '{T5X_MSGPACK}' msgpack file) or one of ours (a '{OURS_STATE}' directory)"
         )
     return kind, root
+
+
+def _latest_step_dir(model_dir: epath.Path) -> epath.Path | None:
+    """The `checkpoint_<step>` subdirectory with the highest step, if any."""
+    steps = {
+        int(m.group(1)): child
+        for child in model_dir.iterdir()
+        if (m := _STEP_DIR.fullmatch(child.name))
+    }
+    return steps[max(steps)] if steps else None
 
 
 def _kind(root: epath.Path) -> str | None:
@@ -446,12 +467,12 @@ def _hf_tensors(
     """HF tensors keyed by our path; ones we have no place for stay under their HF name."""
     raw = _hf_raw_tensors(Path(root), stack)
     ours_by_hf = {_hf_name(p): p for p in expected}
-    if not tied and _LOGITS in expected and "lm_head.weight" not in raw:
-        raw["lm_head.weight"] = raw.get("shared.weight")  # tied but unscaled (transformers 5)
+    if not tied and "lm_head.weight" not in raw and "shared.weight" in raw:
+        raw["lm_head.weight"] = raw["shared.weight"]  # tied yet unscaled (transformers 5)
     ignored = _HF_REDUNDANT | ({"lm_head.weight"} if tied else set())
     tensors = {}
     for name, tensor in raw.items():
-        if tensor is None or name in ignored:
+        if name in ignored:
             continue
         path = ours_by_hf.get(name, name)
         tensors[path] = _transposed(tensor) if _hf_transposed(path) else tensor
@@ -529,8 +550,6 @@ def _t5x_tensor(root: epath.Path, name: str, leaf: Any) -> _Tensor:
     if not _is_ts_spec(leaf):
         array = np.asarray(leaf)
         return _Tensor(name, array.shape, array.__getitem__)
-    import tensorstore as ts
-
     store = ts.open(_absolute_spec(leaf, str(root)), open=True, read=True).result()
     return _Tensor(name, tuple(store.shape), lambda index: store[index].read().result())
 

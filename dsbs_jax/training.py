@@ -24,7 +24,7 @@ import numpy as np
 import seqio
 from tqdm import tqdm
 
-from dsbs_jax import evaluation, optimizers, trainer
+from dsbs_jax import checkpoint_import, evaluation, optimizers, trainer
 from dsbs_jax.checkpoints import Checkpointer
 from dsbs_jax.input_pipeline import train_batches
 from dsbs_jax.models.t5 import T5, T5Config, get_config
@@ -107,7 +107,10 @@ class Student:
         model_config: Mapping[str, Any],
         train_steps: int,
         seed: int,
+        initial_checkpoint_path: str | None = None,
     ) -> None:
+        """Parameters start random (seeded), or from a pretrained checkpoint when a path is
+        given: Hugging Face, t5x or ours (see `dsbs_jax.checkpoint_import`)."""
         self.vocabulary = _task_vocabulary(mixture_or_task_name)
         self.config = build_model_config(model_config, self.vocabulary)
         self.model = T5(self.config)
@@ -120,7 +123,11 @@ class Student:
             decoder = jnp.ones((1, lengths["targets"]), jnp.int32)
             return self.model.init(rng, encoder, decoder, enable_dropout=False)["params"]
 
-        params, _ = self.partitioner.init_sharded(init_params, jax.random.key(seed))
+        if initial_checkpoint_path:
+            shardings = checkpoint_import.param_shardings(self.config, self.partitioner)
+            params = checkpoint_import.load_params(initial_checkpoint_path, self.config, shardings)
+        else:
+            params, _ = self.partitioner.init_sharded(init_params, jax.random.key(seed))
         with self.partitioner.activation_rules():
             self.state = jax.jit(lambda p: trainer.init_state(p, self.optimizer))(params)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
@@ -135,6 +142,7 @@ def train(
     train_steps: int = gin.REQUIRED,
     batch_size: int = gin.REQUIRED,
     model_config: Mapping[str, Any] = gin.REQUIRED,
+    initial_checkpoint_path: str | None = None,
     random_seed: int = 0,
     num_microbatches: int = 1,
     pack: bool = True,
@@ -148,7 +156,11 @@ def train(
     z_loss: float = 1e-4,
     use_cached: bool = False,
 ) -> dict[str, float]:
-    """Trains, evaluates on `eval_split` every `eval_period` steps, then tests the best."""
+    """Trains, evaluates on `eval_split` every `eval_period` steps, then tests the best.
+
+    A run starts from `initial_checkpoint_path` (pretrained weights) unless MODEL_DIR already
+    holds a checkpoint of its own, which it resumes.
+    """
     model_dir_path = Path(model_dir).expanduser()
     is_host0 = jax.process_index() == 0
     if is_host0:
@@ -156,22 +168,28 @@ def train(
         (model_dir_path / "config.gin").write_text(gin.config_str())
     if batch_size % jax.process_count():
         raise ValueError(f"BATCH_SIZE {batch_size} is not divisible by {jax.process_count()} hosts")
-    student = Student(
-        mixture_or_task_name, task_feature_lengths, model_config, train_steps, random_seed
-    )
-    if is_host0:
-        (model_dir_path / "model-info.txt").write_text(_model_info(student))
-    partitioner = student.partitioner
     best_metric = _primary_metric(mixture_or_task_name, eval_split)
     checkpointer = (
         Checkpointer(model_dir_path, best_metric=best_metric)
         if best_metric
         else Checkpointer(model_dir_path, keep_best=False)
     )
+    resuming = checkpointer.latest_step() is not None
+    student = Student(
+        mixture_or_task_name,
+        task_feature_lengths,
+        model_config,
+        train_steps,
+        random_seed,
+        initial_checkpoint_path=None if resuming else initial_checkpoint_path,
+    )
+    if is_host0:
+        (model_dir_path / "model-info.txt").write_text(_model_info(student))
+    partitioner = student.partitioner
     writer = MetricsWriter(model_dir_path, enabled=is_host0)
 
     state, start_step = student.state, 0
-    if checkpointer.latest_step() is not None:
+    if resuming:
         state, data = checkpointer.restore(abstract_like(state))
         start_step = int(state.step)
         if data.get("seed") != random_seed:
