@@ -240,13 +240,20 @@ def test_training_starts_from_an_initial_hugging_face_checkpoint(gin_cache_root,
     config = get_config("tiny", vocab_size=128, dtype=jnp.float32)
     ones = jnp.ones((1, 8), jnp.int32)
     pretrained = T5(config).init(jax.random.key(7), ones, ones, enable_dropout=False)["params"]
-    pretrained = jax.tree.map(lambda x: getattr(x, "value", x), pretrained,
-                              is_leaf=lambda x: hasattr(x, "value"))
+    pretrained = jax.tree.map(
+        lambda x: getattr(x, "value", x), pretrained, is_leaf=lambda x: hasattr(x, "value")
+    )
     hf_dir = checkpoint_import.export_hf(pretrained, config, tmp_path / "hf")
     run_dir = tmp_path / "run"
-    flags = _flags(gin_cache_root, run_dir, "--gin.TRAIN_STEPS=1", "--gin.LEARNING_RATE=0.0",
-                   "--gin.train.test_split=None", "--gin.EVAL_PERIOD=1000",
-                   f"--gin.INITIAL_CHECKPOINT_PATH='{hf_dir}'")
+    flags = _flags(
+        gin_cache_root,
+        run_dir,
+        "--gin.TRAIN_STEPS=1",
+        "--gin.LEARNING_RATE=0.0",
+        "--gin.train.test_split=None",
+        "--gin.EVAL_PERIOD=1000",
+        f"--gin.INITIAL_CHECKPOINT_PATH='{hf_dir}'",
+    )
     assert main(flags) == 0
     for a, b in zip(_final_params(run_dir), jax.tree.leaves(pretrained), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
