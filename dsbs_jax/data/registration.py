@@ -57,11 +57,10 @@ def output_features(vocabulary: seqio.Vocabulary = VOCABULARY) -> dict[str, seqi
 
 
 def task_name(dataset: str, kind: TaskKind, paired_with_gold: bool = False) -> str:
-    return (
-        f"dsbs_{dataset}_pair_gt_{kind.value.split('_')[0]}"
-        if paired_with_gold
-        else (f"dsbs_{dataset}_{kind.value}")
-    )
+    """`dsbs_<dataset>_<kind>`; the gold-label pair's tasks are `..._pair_gt_<role>`."""
+    if paired_with_gold:
+        return f"dsbs_{dataset}_pair_gt_{kind.role.name.lower()}"
+    return f"dsbs_{dataset}_{kind.value}"
 
 
 def mixture_name(dataset: str, method: str) -> str:
