@@ -8,7 +8,7 @@ setup(
     description="Distilling Step-by-Step (Hsieh et al., 2023) in JAX/Flax with SeqIO and gin.",
     python_requires=">=3.10",
     packages=find_packages(include=["dsbs_jax", "dsbs_jax.*", "tasks", "tasks.*"]),
-    package_data={"dsbs_jax": ["py.typed"]},
+    package_data={"dsbs_jax": ["py.typed", "prompts/*.txt"]},
     include_package_data=True,
     install_requires=[
         "jax==0.10.2",
