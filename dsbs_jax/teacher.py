@@ -55,6 +55,7 @@ from tqdm import tqdm
 from dsbs_jax.data import parsing
 from dsbs_jax.data.cache import SPLITS, CacheFormatError, TeacherRecord, iter_records, split_path
 from dsbs_jax.data.official import DATASETS, NLI_SEPARATOR
+from dsbs_jax.metrics import evaluate_equation
 
 SHIPPED_PROMPTS = ("cqa", "svamp", "esnli", "anli1")
 PLACEHOLDER = re.compile(r"\{(input|premise|hypothesis)\}")
@@ -166,10 +167,28 @@ def resolve_parser(name: str | None, prompt: str) -> parsing.Parser:
 # --- the teacher's answers as a cache record ------------------------------------------------
 
 
-def majority_label(labels: Sequence[str]) -> str:
-    """The most frequent label; a tie goes to the one seen first; '' for none."""
-    counts = collections.Counter(labels)
-    return max(counts, key=counts.__getitem__) if counts else ""
+def _equation_value(label: str) -> object:
+    """Equations vote by value, so "(8-3)" and "(8 - 3)" agree; malformed ones by their text."""
+    value = evaluate_equation(label)
+    return label if value is None else round(value, 6)
+
+
+# How labels are compared in the vote, by parser; exact text for the rest.
+VOTE_KEYS: dict[parsing.Parser, Callable[[str], object]] = {
+    parsing.parse_equation: _equation_value
+}
+
+
+def majority_label(labels: Sequence[str], key: Callable[[str], object] = str) -> str:
+    """The first label of the most frequent group (labels equal under `key`).
+
+    A tie goes to the group seen first; '' when there are no labels.
+    """
+    groups = collections.Counter(key(label) for label in labels)
+    if not groups:
+        return ""
+    best = max(groups, key=groups.__getitem__)
+    return next(label for label in labels if key(label) == best)
 
 
 def make_record(
@@ -182,7 +201,7 @@ def make_record(
         id=example.id,
         input=example.input,
         label=example.label,
-        teacher_label=majority_label([p.label for p in good]),
+        teacher_label=majority_label([p.label for p in good], VOTE_KEYS.get(parser, str)),
         rationales=tuple(p.rationale for p in good),
         teacher=teacher,
         parse_ok=bool(good),

@@ -448,3 +448,18 @@ def test_retry_delay_rate_and_url_helpers():
     assert teacher.completions_url("http://h:1/", chat=False) == "http://h:1/v1/completions"
     assert teacher.completions_url("http://h/v1", chat=True) == "http://h/v1/chat/completions"
     assert teacher.completions_url("http://h/x/completions", chat=True) == "http://h/x/completions"
+
+
+def test_equation_samples_vote_by_value():
+    example = teacher.Example("e1", "Tom has 8 apples and eats 3.", "( 8.0 - 3.0 )")
+    texts = [
+        "He has 8 - 3 = 5. The answer is (8-3).",
+        "He has 2 + 2 = 4. The answer is (2 + 2).",
+        "He has 8 - 3 = 5. The answer is (8 - 3).",
+        "He has 2 + 2 = 4. The answer is (2+2).",
+        "He has 8 minus 3. The answer is (8 - (3)).",
+    ]
+    record = teacher.make_record(example, texts, parsing.parse_equation, "m")
+    assert record.teacher_label == "(8-3)"
+    assert len(record.rationales) == 5
+    assert teacher.majority_label(["(2+2)", "(1+3)", "(5)"], str) == "(2+2)"
