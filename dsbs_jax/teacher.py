@@ -174,9 +174,7 @@ def _equation_value(label: str) -> object:
 
 
 # How labels are compared in the vote, by parser; exact text for the rest.
-VOTE_KEYS: dict[parsing.Parser, Callable[[str], object]] = {
-    parsing.parse_equation: _equation_value
-}
+VOTE_KEYS: dict[parsing.Parser, Callable[[str], object]] = {parsing.parse_equation: _equation_value}
 
 
 def majority_label(labels: Sequence[str], key: Callable[[str], object] = str) -> str:
