@@ -19,6 +19,7 @@ import seqio
 
 from dsbs_jax import evaluation, trainer
 from dsbs_jax.checkpoints import Checkpointer
+from dsbs_jax.data.cache import read_examples
 from dsbs_jax.data.preprocessors import EXPLAIN_PREFIX, PREDICT_PREFIX
 from dsbs_jax.training import SplitEvaluator, Student, abstract_like, format_results
 
@@ -71,18 +72,6 @@ def evaluate(
         out.write_text(json.dumps({"step": step, **results}, indent=2) + "\n")
         print(format_results(f"{split} (checkpoint {step})", results))
     return results
-
-
-def _read_inputs(input_file: str) -> list[dict[str, str]]:
-    rows = []
-    with open(Path(input_file).expanduser(), encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                row = json.loads(line)
-                if "input" not in row:
-                    raise ValueError(f"{input_file}:{lineno}: a line needs an 'input' field")
-                rows.append({"id": str(row.get("id", lineno)), "input": row["input"]})
-    return rows
 
 
 def _task_inputs(mixture_or_task_name: str, split: str) -> list[dict[str, str]]:
@@ -148,7 +137,11 @@ def infer(
     student, params, step = restore_student(
         model_dir, mixture_or_task_name, task_feature_lengths, model_config, checkpoint
     )
-    rows = _read_inputs(input_file) if input_file else _task_inputs(mixture_or_task_name, split)
+    if input_file:
+        examples = read_examples(Path(input_file).expanduser())
+        rows = [{"id": ex.id, "input": ex.input} for ex in examples]
+    else:
+        rows = _task_inputs(mixture_or_task_name, split)
     decode_length = max_decode_length or task_feature_lengths["targets"]
     prompts = {"label": PREDICT_PREFIX}
     if rationales:

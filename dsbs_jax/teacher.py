@@ -53,7 +53,14 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from dsbs_jax.data import parsing
-from dsbs_jax.data.cache import SPLITS, CacheFormatError, TeacherRecord, iter_records, split_path
+from dsbs_jax.data.cache import (
+    SPLITS,
+    Example,
+    TeacherRecord,
+    iter_records,
+    read_examples,
+    split_path,
+)
 from dsbs_jax.data.official import DATASETS, NLI_SEPARATOR
 from dsbs_jax.metrics import evaluate_equation
 
@@ -84,45 +91,6 @@ class FatalRequestError(RequestError):
 
 
 # --- inputs and prompts ---------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One input to label; `label` is the gold label, or empty."""
-
-    id: str
-    input: str
-    label: str
-
-
-def read_examples(path: str | os.PathLike) -> list[Example]:
-    """Reads {id, input, label?} JSON lines; a canonical cache file will do (the rest ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no dataset file at {path}")
-    examples: list[Example] = []
-    seen: set[str] = set()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CacheFormatError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("input"), str):
-                raise CacheFormatError(f"{where}: expected an object with a string 'input'")
-            if not isinstance(obj.get("id"), str | int):
-                raise CacheFormatError(f"{where}: expected a string 'id'")
-            if not isinstance(obj.get("label", ""), str):
-                raise CacheFormatError(f"{where}: 'label' must be a string")
-            example = Example(str(obj["id"]), obj["input"], obj.get("label", ""))
-            if example.id in seen:
-                raise CacheFormatError(f"{where}: duplicate id {example.id!r}")
-            seen.add(example.id)
-            examples.append(example)
-    return examples
 
 
 def read_prompt(spec: str) -> str:

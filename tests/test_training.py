@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -181,6 +182,25 @@ def test_demo_style_run_learns_and_resumes(gin_cache_root, tmp_path, capsys):
     assert (tmp_path / "run" / "train").is_dir()  # TensorBoard events
     assert main(flags) == 0  # a second run resumes at the end instead of starting over
     assert "already trained to step 40" in capsys.readouterr().err
+
+    from dsbs_jax.infer import main as infer_main
+
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text('{"id": "q1", "input": "Sam has 2 pens. He buys 3 more pens."}\n')
+    out = tmp_path / "predictions.jsonl"
+    assert (
+        infer_main(
+            [
+                *flags,
+                f"--gin.infer.input_file='{inputs}'",
+                f"--gin.infer.output_file='{out}'",
+                "--gin.infer.rationales=True",
+            ]
+        )
+        == 0
+    )
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["id"] == "q1" and set(row) == {"id", "input", "label", "rationale"}
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 SPLITS = ("train", "valid", "test")
 REQUIRED_FIELDS = ("id", "input", "label", "teacher_label", "rationales", "teacher", "parse_ok")
@@ -80,11 +81,17 @@ def split_path(cache_dir: str | os.PathLike, split: str) -> Path:
     return Path(cache_dir) / f"{split}.jsonl"
 
 
-def iter_records(path: str | os.PathLike) -> Iterator[TeacherRecord]:
-    """Yields the records of one cache file; bad input raises CacheFormatError naming file:line."""
+def iter_json_lines(
+    path: str | os.PathLike, what: str = "teacher cache file"
+) -> Iterator[tuple[str, Any]]:
+    """Yields ("file:line", decoded object) for each non-blank line of a JSON-lines file.
+
+    Undecodable JSON raises CacheFormatError naming file and line; a missing file
+    raises FileNotFoundError naming `what` and the path.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no teacher cache file at {path}")
+        raise FileNotFoundError(f"no {what} at {path}")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -94,7 +101,41 @@ def iter_records(path: str | os.PathLike) -> Iterator[TeacherRecord]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise CacheFormatError(f"{where}: not valid JSON ({e.msg})") from None
-            yield TeacherRecord.from_dict(obj, where)
+            yield where, obj
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[TeacherRecord]:
+    """Yields the records of one cache file; bad input raises CacheFormatError naming file:line."""
+    for where, obj in iter_json_lines(path):
+        yield TeacherRecord.from_dict(obj, where)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One input to label or predict; `label` is the gold label, or empty."""
+
+    id: str
+    input: str
+    label: str
+
+
+def read_examples(path: str | os.PathLike) -> list[Example]:
+    """Reads {id, input, label?} JSON lines; a canonical cache file will do (the rest ignored)."""
+    examples: list[Example] = []
+    seen: set[str] = set()
+    for where, obj in iter_json_lines(path, what="dataset file"):
+        if not isinstance(obj, dict) or not isinstance(obj.get("input"), str):
+            raise CacheFormatError(f"{where}: expected an object with a string 'input'")
+        if not isinstance(obj.get("id"), str | int):
+            raise CacheFormatError(f"{where}: expected a string 'id'")
+        if not isinstance(obj.get("label", ""), str):
+            raise CacheFormatError(f"{where}: 'label' must be a string")
+        example = Example(str(obj["id"]), obj["input"], obj.get("label", ""))
+        if example.id in seen:
+            raise CacheFormatError(f"{where}: duplicate id {example.id!r}")
+        seen.add(example.id)
+        examples.append(example)
+    return examples
 
 
 def read_records(path: str | os.PathLike) -> list[TeacherRecord]:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dsbs_jax.data import parsing
-from dsbs_jax.data.cache import TeacherRecord
+from dsbs_jax.data.cache import TeacherRecord, iter_json_lines
 
 NLI_LABELS = {"0": "entailment", "1": "neutral", "2": "contradiction"}
 # The official code joins premise and hypothesis with the T5 tokenizer's EOS text.
@@ -108,19 +108,6 @@ def find_splits(root: str | Path, name: str) -> list[str]:
     return splits
 
 
-def _read_examples(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise OfficialDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    return rows
-
-
 def _chunk_index(path: Path) -> int:
     return int(path.stem.rsplit("_", 1)[1])
 
@@ -149,7 +136,7 @@ def read_split(root: str | Path, name: str, split: str) -> Iterator[TeacherRecor
     path = folder / f"{name}_{split}.json"
     if not path.is_file():
         raise OfficialDataError(f"missing {path}")
-    rows = _read_examples(path)
+    rows = [obj for _, obj in iter_json_lines(path, what="official split file")]
     outputs = _read_teacher_outputs(folder / "llm", split)
     if len(outputs) != len(rows):
         raise OfficialDataError(
