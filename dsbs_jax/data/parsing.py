@@ -55,12 +55,20 @@ def _result(rationale: str, label: str) -> ParsedOutput:
     return ParsedOutput(rationale, label, OK)
 
 
-def parse_multiple_choice(output: str) -> ParsedOutput:
-    """CommonsenseQA: '<rationale> So the answer is (d) math problem.' -> label 'math problem'."""
-    split = _split_at_marker(_cut_run_on(output, "Q:"), "So the answer is")
+def _parse(
+    output: str,
+    next_exemplar: str,
+    marker: str,
+    read_answer: Callable[[str, str], ParsedOutput],
+) -> ParsedOutput:
+    """Cuts the run-on exemplar, splits at the answer marker, and reads (rationale, answer)."""
+    split = _split_at_marker(_cut_run_on(output, next_exemplar), marker)
     if split is None:
         return ParsedOutput(output.strip(), "", NO_ANSWER_MARKER)
-    rationale, answer = split
+    return read_answer(*split)
+
+
+def _multiple_choice_answer(rationale: str, answer: str) -> ParsedOutput:
     choices = re.split(r"\([a-eA-E]\)", answer.split("\n")[0])[1:]
     if not choices:
         return ParsedOutput(rationale, "", NO_LABEL)
@@ -72,14 +80,8 @@ def parse_multiple_choice(output: str) -> ParsedOutput:
     return _result(rationale, label)
 
 
-def parse_equation(output: str) -> ParsedOutput:
-    """SVAMP / ASDiv: '<rationale> The answer is (84 / 2).' -> label '(84 / 2)'."""
-    split = _split_at_marker(_cut_run_on(output, "Q:"), "The answer is")
-    if split is None:
-        return ParsedOutput(output.strip(), "", NO_ANSWER_MARKER)
-    rationale, answer = split
-    answer = answer.split("\n")[0]
-    match = re.search(r"\(.*\)", answer)
+def _equation_answer(rationale: str, answer: str) -> ParsedOutput:
+    match = re.search(r"\(.*\)", answer.split("\n")[0])
     return _result(rationale, match.group(0) if match else "")
 
 
@@ -89,22 +91,28 @@ def _nli_label(answer: str) -> str:
     return word if word in NLI_CLASSES else ""
 
 
+def _nli_answer(rationale: str, answer: str) -> ParsedOutput:
+    return _result(rationale, _nli_label(answer))
+
+
+def parse_multiple_choice(output: str) -> ParsedOutput:
+    """CommonsenseQA: '<rationale> So the answer is (d) math problem.' -> label 'math problem'."""
+    return _parse(output, "Q:", "So the answer is", _multiple_choice_answer)
+
+
+def parse_equation(output: str) -> ParsedOutput:
+    """SVAMP / ASDiv: '<rationale> The answer is (84 / 2).' -> label '(84 / 2)'."""
+    return _parse(output, "Q:", "The answer is", _equation_answer)
+
+
 def parse_nli_answer_line(output: str) -> ParsedOutput:
     """e-SNLI: '<rationale>\\nAnswer: neutral' -> label 'neutral'."""
-    split = _split_at_marker(_cut_run_on(output, "Premise:"), "Answer:")
-    if split is None:
-        return ParsedOutput(output.strip(), "", NO_ANSWER_MARKER)
-    rationale, answer = split
-    return _result(rationale, _nli_label(answer))
+    return _parse(output, "Premise:", "Answer:", _nli_answer)
 
 
 def parse_nli_so_the_answer(output: str) -> ParsedOutput:
     """ANLI: '<rationale> So the answer is contradiction.' -> label 'contradiction'."""
-    split = _split_at_marker(_cut_run_on(output, "Premise:"), "So the answer is")
-    if split is None:
-        return ParsedOutput(output.strip(), "", NO_ANSWER_MARKER)
-    rationale, answer = split
-    return _result(rationale, _nli_label(answer))
+    return _parse(output, "Premise:", "So the answer is", _nli_answer)
 
 
 Parser = Callable[[str], ParsedOutput]
