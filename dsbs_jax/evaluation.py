@@ -92,21 +92,30 @@ def decode_batches(
     params: PyTree,
     partitioner: Partitioner,
     vocabulary: seqio.Vocabulary,
-    examples: Iterator[Mapping[str, np.ndarray]],
-    num_examples: int,
+    inputs: Sequence[Sequence[int]],
+    inputs_length: int,
     batch_size: int,
     max_decode_length: int,
 ) -> list[str]:
-    """Greedy-decodes {"encoder_input_tokens": [length]} examples into texts, in order."""
+    """Greedy-decodes encoder inputs (token ids, EOS included) into texts, in order.
+
+    Each input is padded to `inputs_length`, so every batch compiles to one shape.
+    """
+
+    def padded(ids: Sequence[int]) -> dict[str, np.ndarray]:
+        tokens = np.zeros(inputs_length, np.int32)
+        tokens[: len(ids)] = ids
+        return {"encoder_input_tokens": tokens}
+
     eos_id = vocabulary.eos_id
     texts: list[str] = []
-    batches = fixed_size_batches(examples, batch_size)
+    batches = fixed_size_batches((padded(ids) for ids in inputs), batch_size)
     with tqdm(
-        total=num_examples,
+        total=len(inputs),
         desc="decode",
         unit="ex",
         leave=False,
-        disable=num_examples < 512 or jax.process_index() != 0,
+        disable=len(inputs) < 512 or jax.process_index() != 0,
     ) as bar:
         for batch, real in batches:
             local = partitioner.shard_batch(_host_slice(batch))["encoder_input_tokens"]
@@ -136,20 +145,14 @@ def decode_task(
         num_epochs=1,
     )
     examples = list(ds.as_numpy_iterator())
-
-    def padded(ex: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        tokens = np.zeros(inputs_length, np.int32)
-        tokens[: len(ex["inputs"])] = ex["inputs"]
-        return {"encoder_input_tokens": tokens}
-
     vocabulary = task.output_features["targets"].vocabulary
     predictions = decode_batches(
         model,
         params,
         partitioner,
         vocabulary,
-        (padded(ex) for ex in examples),
-        len(examples),
+        [ex["inputs"] for ex in examples],
+        inputs_length,
         batch_size,
         max_decode_length,
     )

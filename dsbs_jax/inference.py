@@ -14,7 +14,6 @@ from typing import Any
 
 import gin
 import jax
-import numpy as np
 import seqio
 
 from dsbs_jax import evaluation, trainer
@@ -96,19 +95,14 @@ def _generate(
     batch_size: int,
     max_decode_length: int,
 ) -> list[str]:
-    def encoded(text: str) -> dict[str, np.ndarray]:
-        ids = (vocabulary.encode(text) + [vocabulary.eos_id])[:inputs_length]
-        tokens = np.zeros(inputs_length, np.int32)
-        tokens[: len(ids)] = ids
-        return {"encoder_input_tokens": tokens}
-
+    inputs = [(vocabulary.encode(t) + [vocabulary.eos_id])[:inputs_length] for t in texts]
     return evaluation.decode_batches(
         student.model,
         params,
         student.partitioner,
         vocabulary,
-        (encoded(t) for t in texts),
-        len(texts),
+        inputs,
+        inputs_length,
         batch_size,
         max_decode_length,
     )
