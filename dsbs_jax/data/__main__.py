@@ -38,10 +38,9 @@ def _synthetic(args: argparse.Namespace) -> None:
         teacher_error_rate=args.teacher_error_rate,
         max_steps=args.max_steps,
     )
-    by_split = synthetic.generate(config)
-    cache.write_splits(out_dir, by_split)
-    summaries = [prepare.summarise(split, rs, "accuracy") for split, rs in by_split.items()]
-    prepare.write_summary(out_dir, synthetic.DATASET_NAME, "accuracy", summaries)
+    summaries = prepare.write_dataset(
+        out_dir, synthetic.DATASET_NAME, "accuracy", synthetic.generate(config)
+    )
     model = vocab.train_vocab_for_cache(out_dir, vocab_size=args.vocab_size)
     print(prepare.format_summaries(synthetic.DATASET_NAME, summaries))
     print(f"wrote {out_dir} (vocabulary {model})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -68,11 +68,20 @@ def prepare_official(source: str | Path, name: str, out: str | Path) -> list[Spl
     }
     if "train" in by_split and "valid" not in by_split:
         by_split["train"], by_split["valid"] = splits.split_off_validation(by_split["train"])
-    out_dir = Path(out) / name
+    return write_dataset(Path(out) / name, name, dataset.metric, by_split)
+
+
+def write_dataset(
+    out_dir: str | Path,
+    name: str,
+    metric: str,
+    by_split: Mapping[str, Sequence[cache.TeacherRecord]],
+) -> list[SplitSummary]:
+    """Writes a dataset's cache files (train, valid, test order) and its summary."""
     ordered = {split: by_split[split] for split in cache.SPLITS if split in by_split}
     cache.write_splits(out_dir, ordered)
-    summaries = [summarise(split, rs, dataset.metric) for split, rs in ordered.items()]
-    write_summary(out_dir, name, dataset.metric, summaries)
+    summaries = [summarise(split, records, metric) for split, records in ordered.items()]
+    write_summary(out_dir, name, metric, summaries)
     return summaries
 
 
