@@ -130,7 +130,7 @@ def build_tfds(
                 ),
             ),
         )
-    return builder.get_reference().tfds_name(include_version=True)
+    return tfds_name(name)
 
 
 class TeacherCacheTfdsSource(seqio.TfdsDataSource):
