@@ -26,6 +26,7 @@ setup(
         "safetensors==0.8.0",
         "tqdm>=4.66",
         "numpy>=2.0",
+        "matplotlib==3.11.2",
     ],
     extras_require={
         "test": [

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import gin
+from gin import config as gin_config
+from gin import resource_reader
 
 from dsbs_jax.partitioning import initialize_distributed
 
@@ -26,6 +28,29 @@ EXIT_BAD_INPUT = 2
 # which is an IncompatibleCheckpointError(ValueError)); anything else is a bug and keeps
 # its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+def _system_path_file_exists(config_path: str) -> bool:
+    """gin's check for a gin file inside a Python package, minus its crash on folders.
+
+    gin reads `runs/demo.gin` as "file demo.gin of package `runs`" when no such file is
+    under the working directory, and crashes with a TypeError when `runs` is a plain
+    folder there (a namespace package: no file of its own), such as the `runs/` a
+    first training run writes. Such a folder holds no package file, so: not found.
+    """
+    try:
+        return resource_reader.system_path_file_exists(config_path)
+    except TypeError:
+        return False
+
+
+gin_config._FILE_READERS[:] = [
+    (
+        reader,
+        _system_path_file_exists if exists is resource_reader.system_path_file_exists else exists,
+    )
+    for reader, exists in gin_config._FILE_READERS
+]
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -4,7 +4,9 @@ For a dataset NAME with a canonical teacher cache at `<teacher_cache_root>/NAME/
 
 tasks
     dsbs_NAME_label_gt          predict: x -> gold label
-    dsbs_NAME_label_llm         predict: x -> teacher label
+    dsbs_NAME_label_llm         predict: x -> teacher label, once per kept rationale
+    dsbs_NAME_label_llm_per_input
+                                predict: x -> teacher label, once per input
     dsbs_NAME_rationale         explain: x -> teacher rationale
     dsbs_NAME_rationale_label   predict: x -> rationale + " So the answer is " + teacher label
     dsbs_NAME_pair_gt_label, dsbs_NAME_pair_gt_rationale
@@ -17,6 +19,15 @@ mixtures (one per method)
     dsbs_NAME_step_by_step        teacher label + rationale, paired (official method)
     dsbs_NAME_step_by_step_gt     gold label + rationale, paired
     dsbs_NAME_step_by_step_rates  teacher label + rationale, mixed at rates alpha : 1 - alpha
+
+How many examples an input gives on train: a task with a rationale gives one per
+rationale kept by `sources.rationale_selection` (one by default), and so does
+each label task paired with one, or the pairs would fall out of step. The
+baselines' label tasks (finetune's label_gt, distill's label_llm_per_input) give
+one per input, as training on labels alone should: k copies of one label would
+only reweight the inputs. label_llm itself is the per-rationale one, so the
+step_by_step mixtures keep their task and metric names. On valid and test every
+task gives one per input.
 """
 
 from __future__ import annotations
@@ -63,6 +74,11 @@ def task_name(dataset: str, kind: TaskKind, paired_with_gold: bool = False) -> s
     return f"dsbs_{dataset}_{kind.value}"
 
 
+def distill_task_name(dataset: str) -> str:
+    """Standard distillation's task: teacher labels once per input, not once per rationale."""
+    return f"{task_name(dataset, TaskKind.LABEL_TEACHER)}_per_input"
+
+
 def mixture_name(dataset: str, method: str) -> str:
     return f"dsbs_{dataset}_{method}"
 
@@ -72,13 +88,17 @@ def _add_task(
     dataset: str,
     kind: TaskKind,
     audience: str,
+    per_rationale: bool,
     metric: str,
     splits: Sequence[str],
 ) -> None:
     is_label_task = kind.role is TaskRole.LABEL
+    source = TeacherCacheSource(
+        dataset, audience, splits, per_rationale=per_rationale, metric_fn=METRICS[metric]
+    )
     seqio.TaskRegistry.add(
         name,
-        source=TeacherCacheSource(dataset, audience, splits),
+        source=source,
         preprocessors=[
             functools.partial(format_task, kind=kind),
             seqio.preprocessors.tokenize,
@@ -97,27 +117,35 @@ def register_dataset(
     """Registers every task and mixture of `dataset`; safe to call again (replaces them)."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    # (name, kind, audience, one example per kept rationale on train)
     tasks = [
-        (task_name(dataset, TaskKind.LABEL_GOLD), TaskKind.LABEL_GOLD, GOLD),
-        (task_name(dataset, TaskKind.LABEL_TEACHER), TaskKind.LABEL_TEACHER, TEACHER),
-        (task_name(dataset, TaskKind.RATIONALE), TaskKind.RATIONALE, TEACHER),
+        (task_name(dataset, TaskKind.LABEL_GOLD), TaskKind.LABEL_GOLD, GOLD, False),
+        (task_name(dataset, TaskKind.LABEL_TEACHER), TaskKind.LABEL_TEACHER, TEACHER, True),
+        (distill_task_name(dataset), TaskKind.LABEL_TEACHER, TEACHER, False),
+        (task_name(dataset, TaskKind.RATIONALE), TaskKind.RATIONALE, TEACHER, True),
         (
             task_name(dataset, TaskKind.RATIONALE_THEN_LABEL),
             TaskKind.RATIONALE_THEN_LABEL,
             TEACHER,
+            True,
         ),
-        (task_name(dataset, TaskKind.LABEL_GOLD, True), TaskKind.LABEL_GOLD, GOLD_AND_TEACHER),
-        (task_name(dataset, TaskKind.RATIONALE, True), TaskKind.RATIONALE, GOLD_AND_TEACHER),
+        (
+            task_name(dataset, TaskKind.LABEL_GOLD, True),
+            TaskKind.LABEL_GOLD,
+            GOLD_AND_TEACHER,
+            True,
+        ),
+        (task_name(dataset, TaskKind.RATIONALE, True), TaskKind.RATIONALE, GOLD_AND_TEACHER, True),
     ]
-    for name, kind, audience in tasks:
+    for name, kind, audience, per_rationale in tasks:
         seqio.TaskRegistry.remove(name)
-        _add_task(name, dataset, kind, audience, metric, splits)
+        _add_task(name, dataset, kind, audience, per_rationale, metric, splits)
 
     label_llm = task_name(dataset, TaskKind.LABEL_TEACHER)
     rationale = task_name(dataset, TaskKind.RATIONALE)
     single = {
         "finetune": task_name(dataset, TaskKind.LABEL_GOLD),
-        "distill": label_llm,
+        "distill": distill_task_name(dataset),
         "single_task": task_name(dataset, TaskKind.RATIONALE_THEN_LABEL),
     }
     for method, task in single.items():

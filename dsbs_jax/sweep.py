@@ -1,0 +1,265 @@
+"""Sweep methods × gin macros, one training run per combination, then aggregate.
+
+    python -m dsbs_jax.sweep --gin_file=sweeps/synthetic_data_efficiency.gin \\
+        --methods=dsbs,finetune,distill --sweep='TRAIN_FRACTION=[0.125,0.25,0.5,1.0]' \\
+        --sweep='SEED=[0,1,2]' [--gin.NAME=VALUE ...] [--print_commands]
+
+Every run is `python -m dsbs_jax.train` with the same gin files and flags plus its own
+bindings, in its own MODEL_DIR under the sweep's MODEL_DIR. The directories are the
+sweep's only state: a run with `test_results.json` is finished and skipped, an
+interrupted one resumes from its last checkpoint, so an interrupted sweep is simply
+run again. `--print_commands` prints one launch command per unfinished run instead,
+for a cluster scheduler; the results are then aggregated with `--aggregate_only`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import gin
+
+from dsbs_jax import results as results_lib
+from dsbs_jax.gin_utils import EXIT_BAD_INPUT, parse_gin, split_gin_flags
+
+# A method's name → the mixture suffix of its SeqIO registration (dsbs_<dataset>_<suffix>).
+METHOD_MIXTURES = {
+    "dsbs": "step_by_step",
+    "dsbs_gt": "step_by_step_gt",
+    "dsbs_rates": "step_by_step_rates",
+    "finetune": "finetune",
+    "distill": "distill",
+    "single_task": "single_task",
+}
+# Methods whose loss does not weigh tasks: ALPHA is None for them, and an ALPHA sweep
+# gives each of them one run per other combination, not one per alpha.
+ALPHA_FREE_METHODS = ("finetune", "distill", "single_task")
+COMPILATION_CACHE = ".jax_cache"
+_MACRO = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of a sweep: a method and the values of the swept macros."""
+
+    method: str
+    settings: tuple[tuple[str, Any], ...]
+
+    @property
+    def name(self) -> str:
+        """The run's directory name, e.g. `dsbs,ALPHA=0.5,SEED=0`."""
+        return ",".join([self.method, *(f"{k}={_format_value(v)}" for k, v in self.settings)])
+
+    def bindings(self, dataset: str) -> list[str]:
+        """The `--gin.NAME=VALUE` flags that make this run."""
+        mixture = f"dsbs_{dataset}_{METHOD_MIXTURES[self.method]}"
+        return [
+            f"--gin.MIXTURE_OR_TASK_NAME={_gin_literal(mixture)}",
+            *(f"--gin.{k}={_gin_literal(v)}" for k, v in self.settings),
+        ]
+
+
+def parse_sweep_flag(flag: str) -> tuple[str, list[Any]]:
+    """`'ALPHA=[0.3,0.5]'` → `('ALPHA', [0.3, 0.5])`: a gin macro and its Python-literal values."""
+    name, sep, values_text = flag.partition("=")
+    name = name.strip()
+    if not sep or not _MACRO.match(name):
+        raise ValueError(f"--sweep {flag!r}: expected MACRO=[v1,v2,...] with an upper-case macro")
+    try:
+        values = ast.literal_eval(values_text.strip())
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"--sweep {flag!r}: the values are not a Python list ({e})") from None
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"--sweep {flag!r}: give a non-empty list of values")
+    if len(set(map(repr, values))) != len(values):
+        raise ValueError(f"--sweep {flag!r}: a value is repeated")
+    return name, values
+
+
+def plan(methods: Sequence[str], axes: Mapping[str, Sequence[Any]]) -> list[Run]:
+    """Every combination of the swept values × method; alpha-free methods once per alpha sweep."""
+    unknown = [m for m in methods if m not in METHOD_MIXTURES]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHOD_MIXTURES)}")
+    # Methods vary fastest, so a sweep cut short still compares them on the same settings.
+    names = list(axes)
+    runs: list[Run] = []
+    for values in itertools.product(*(axes[n] for n in names)):
+        for method in methods:
+            settings = dict(zip(names, values, strict=True))
+            if method in ALPHA_FREE_METHODS and "ALPHA" in settings:
+                settings["ALPHA"] = None
+            runs.append(Run(method, tuple(settings.items())))
+    return list(dict.fromkeys(runs))
+
+
+def dataset_of(mixture_or_task_name: str) -> str:
+    """`dsbs_cqa_step_by_step` → `cqa`: the dataset a run config trains on."""
+    for suffix in sorted(set(METHOD_MIXTURES.values()), key=len, reverse=True):
+        match = re.fullmatch(rf"dsbs_(.+)_{suffix}", mixture_or_task_name)
+        if match:
+            return match.group(1)
+    raise ValueError(
+        f"MIXTURE_OR_TASK_NAME {mixture_or_task_name!r} is not one of the dsbs_<dataset>_<method>"
+        " mixtures, so the sweep cannot tell which dataset to train on"
+    )
+
+
+def _format_value(value: Any) -> str:
+    return "None" if value is None else str(value)
+
+
+def _gin_literal(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def _macro(name: str) -> Any:
+    try:
+        return gin.query_parameter(f"{name}/macro.value")
+    except ValueError:
+        raise ValueError(f"the gin files define no macro {name}") from None
+
+
+def _finished(model_dir: Path) -> bool:
+    return (model_dir / results_lib.TEST_RESULTS_FILE).exists()
+
+
+def _claim(model_dir: Path, run: Run, flags: list[str]) -> None:
+    """Records what `model_dir` trains; refuses a directory that already trains something else."""
+    record = {"method": run.method, "settings": dict(run.settings), "flags": flags}
+    path = model_dir / results_lib.RUN_FILE
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != record:
+            raise ValueError(
+                f"{model_dir} holds a run made with other flags ({previous['flags']});"
+                " give the sweep another MODEL_DIR or remove that directory"
+            )
+        return
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dsbs_jax.sweep", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+    parser.add_argument("--gin_bindings", action="append", default=[], help="'NAME = VALUE'")
+    parser.add_argument("--gin_search_paths", action="append", default=[])
+    parser.add_argument(
+        "--methods",
+        default="dsbs,finetune,distill,single_task",
+        help=f"comma-separated, from {','.join(METHOD_MIXTURES)}",
+    )
+    parser.add_argument(
+        "--sweep", action="append", default=[], help="MACRO=[v1,v2,...] (repeatable)"
+    )
+    parser.add_argument(
+        "--print_commands",
+        action="store_true",
+        help="print one launch command per unfinished run instead of running them",
+    )
+    parser.add_argument(
+        "--aggregate_only", action="store_true", help="only aggregate the finished runs"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    try:
+        gin_flags, rest = split_gin_flags(argv)
+    except ValueError as e:
+        parser.error(str(e))
+    args = parser.parse_args(rest)
+    if not args.gin_file:
+        parser.error("give at least one --gin_file (e.g. --gin_file=runs/demo.gin)")
+    try:
+        axes = dict(parse_sweep_flag(flag) for flag in args.sweep)
+        parse_gin(args.gin_file, [*args.gin_bindings, *gin_flags], args.gin_search_paths)
+        for name in axes:
+            _macro(name)
+        sweep_dir = Path(_macro("MODEL_DIR")).expanduser().absolute()
+        dataset = dataset_of(_macro("MIXTURE_OR_TASK_NAME"))
+        runs = plan([m.strip() for m in args.methods.split(",") if m.strip()], axes)
+    except Exception as e:  # a bad flag, gin file or binding: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    # Flags every run shares; each run adds its MODEL_DIR, mixture and swept values.
+    shared = [
+        *(f"--gin_file={f}" for f in args.gin_file),
+        *(f"--gin_bindings={b}" for b in args.gin_bindings),
+        *(f"--gin_search_paths={p}" for p in args.gin_search_paths),
+        *(f"--gin.{b.replace(' = ', '=', 1)}" for b in gin_flags),
+    ]
+    failed: list[str] = []
+    if not args.aggregate_only:
+        try:
+            failed = _launch(runs, dataset, sweep_dir, shared, args.print_commands)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if args.print_commands:
+            return 0
+        if failed:
+            print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+    table = results_lib.aggregate(sweep_dir)
+    if not table:
+        print(f"no finished runs under {sweep_dir}", file=sys.stderr)
+        return 1
+    for path in results_lib.write_reports(table, sweep_dir):
+        print(f"wrote {path}")
+    print(results_lib.markdown_table(table))
+    return 0 if args.aggregate_only or not failed else 1
+
+
+def _launch(
+    runs: Sequence[Run], dataset: str, sweep_dir: Path, shared: list[str], print_only: bool
+) -> list[str]:
+    """Runs (or prints) every unfinished run in order; returns the names of those that failed."""
+    failed = []
+    todo = [run for run in runs if not _finished(sweep_dir / run.name)]
+    # Runs of one sweep compile the same programs; JAX's persistent cache compiles each once.
+    env = {"JAX_COMPILATION_CACHE_DIR": str(sweep_dir / COMPILATION_CACHE), **os.environ}
+    if not print_only:
+        print(
+            f"sweep of {len(runs)} runs under {sweep_dir}: {len(runs) - len(todo)} finished,"
+            f" {len(todo)} to run",
+            file=sys.stderr,
+        )
+    for i, run in enumerate(todo, 1):
+        model_dir = sweep_dir / run.name
+        flags = [*shared, f"--gin.MODEL_DIR={_gin_literal(str(model_dir))}", *run.bindings(dataset)]
+        command = [sys.executable, "-m", "dsbs_jax.train", *flags]
+        if print_only:
+            print(shlex.join(["python", *command[1:]]))
+            continue
+        _claim(model_dir, run, flags)
+        print(f"[{i}/{len(todo)}] {run.name}", file=sys.stderr)
+        try:
+            code = subprocess.run(command, env=env).returncode
+        except KeyboardInterrupt:
+            print("interrupted: run the same command again to go on", file=sys.stderr)
+            raise SystemExit(130) from None
+        if code != 0:
+            print(f"[{i}/{len(todo)}] {run.name} failed (exit {code})", file=sys.stderr)
+            failed.append(run.name)
+    return failed
+
+
+if __name__ == "__main__":
+    sys.exit(main())

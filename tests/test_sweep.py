@@ -1,0 +1,168 @@
+"""Sweeps: planning, launching real tiny runs, skipping finished ones, aggregating and plotting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dsbs_jax import results, sweep
+
+
+def test_sweep_flags_parse_to_macros_and_values():
+    assert sweep.parse_sweep_flag("ALPHA=[0.3, 0.5]") == ("ALPHA", [0.3, 0.5])
+    assert sweep.parse_sweep_flag("VOCABULARY_PATH=['a', None]") == ("VOCABULARY_PATH", ["a", None])
+    for bad in ("alpha=[0.3]", "ALPHA", "ALPHA=0.3", "ALPHA=[]", "ALPHA=[0.3,0.3]", "ALPHA=[x]"):
+        with pytest.raises(ValueError, match="--sweep"):
+            sweep.parse_sweep_flag(bad)
+
+
+def test_alpha_free_methods_run_once_per_other_setting():
+    runs = sweep.plan(
+        ["dsbs", "finetune"], {"ALPHA": [0.3, 0.7], "TRAIN_FRACTION": [0.5, 1.0], "SEED": [0]}
+    )
+    names = [run.name for run in runs]
+    assert names == [
+        "dsbs,ALPHA=0.3,TRAIN_FRACTION=0.5,SEED=0",
+        "finetune,ALPHA=None,TRAIN_FRACTION=0.5,SEED=0",
+        "dsbs,ALPHA=0.3,TRAIN_FRACTION=1.0,SEED=0",
+        "finetune,ALPHA=None,TRAIN_FRACTION=1.0,SEED=0",
+        "dsbs,ALPHA=0.7,TRAIN_FRACTION=0.5,SEED=0",
+        "dsbs,ALPHA=0.7,TRAIN_FRACTION=1.0,SEED=0",
+    ]
+    assert runs[0].bindings("cqa") == [
+        '--gin.MIXTURE_OR_TASK_NAME="dsbs_cqa_step_by_step"',
+        "--gin.ALPHA=0.3",
+        "--gin.TRAIN_FRACTION=0.5",
+        "--gin.SEED=0",
+    ]
+    with pytest.raises(ValueError, match="unknown method"):
+        sweep.plan(["dsbs", "cot"], {})
+
+
+def test_the_dataset_comes_from_the_run_configs_mixture():
+    assert sweep.dataset_of("dsbs_cqa_step_by_step") == "cqa"
+    assert sweep.dataset_of("dsbs_my_data_step_by_step_gt") == "my_data"
+    assert sweep.dataset_of("dsbs_svamp_finetune") == "svamp"
+    with pytest.raises(ValueError, match="which dataset"):
+        sweep.dataset_of("glue_mrpc")
+
+
+def _fake_run(root: Path, method: str, settings: dict, accuracy: float | None) -> None:
+    run = sweep.Run(method, tuple(settings.items()))
+    run_dir = root / run.name
+    run_dir.mkdir(parents=True)
+    (run_dir / results.RUN_FILE).write_text(json.dumps({"method": method, "settings": settings}))
+    if accuracy is not None:
+        (run_dir / results.TEST_RESULTS_FILE).write_text(
+            json.dumps({"step": 300, "test/loss": 1.0, "test/t_label_llm/accuracy": accuracy})
+        )
+
+
+def test_aggregation_averages_over_seeds_only(tmp_path):
+    for seed, (a, b) in enumerate([(40.0, 20.0), (50.0, 30.0), (60.0, 10.0)]):
+        _fake_run(tmp_path, "dsbs", {"TRAIN_FRACTION": 0.5, "SEED": seed}, a)
+        _fake_run(tmp_path, "finetune", {"TRAIN_FRACTION": 0.5, "SEED": seed}, b)
+    _fake_run(tmp_path, "dsbs", {"TRAIN_FRACTION": 1.0, "SEED": 0}, 70.0)
+    _fake_run(tmp_path, "dsbs", {"TRAIN_FRACTION": 1.0, "SEED": 1}, None)  # unfinished
+    rows = results.aggregate(tmp_path)
+    assert [(r.method, r.setting("TRAIN_FRACTION"), r.values) for r in rows] == [
+        ("dsbs", 0.5, (40.0, 50.0, 60.0)),
+        ("dsbs", 1.0, (70.0,)),
+        ("finetune", 0.5, (20.0, 30.0, 10.0)),
+    ]
+    assert rows[0].mean == pytest.approx(50.0) and rows[0].std == pytest.approx(10.0)
+    assert rows[1].std == 0.0
+    table = results.markdown_table(rows)
+    assert "| dsbs | 0.5 | 3 | 50.00 ± 10.00 |" in table
+    assert "| finetune | 0.5 | 3 | 20.00 ± 10.00 |" in table
+
+
+def test_a_run_with_several_label_metrics_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="expected one"):
+        results.test_metric({"test/a/accuracy": 1.0, "test/b/accuracy": 2.0}, tmp_path)
+
+
+def _sweep_flags(data_dir: Path, sweep_dir: Path) -> list[str]:
+    return [
+        "--gin_file=runs/base.gin",
+        "--gin_file=models/tiny.gin",
+        f"--gin.DATA_DIR='{data_dir}'",
+        f"--gin.MODEL_DIR='{sweep_dir}'",
+        "--gin.MIXTURE_OR_TASK_NAME='dsbs_synthetic_step_by_step'",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}",
+        "--gin.TRAIN_STEPS=4",
+        "--gin.EVAL_PERIOD=2",
+        "--gin.BATCH_SIZE=8",
+        "--gin.LEARNING_RATE=1e-3",
+        "--gin.train.eval_batch_size=32",
+        "--gin.train.max_decode_length=4",
+        "--methods=dsbs,finetune",
+        "--sweep=TRAIN_FRACTION=[0.5,1.0]",
+    ]
+
+
+@pytest.mark.slow
+def test_a_two_by_two_sweep_runs_skips_finished_runs_and_plots(gin_cache_root, tmp_path, capsys):
+    sweep_dir = tmp_path / "sweep"
+    flags = _sweep_flags(gin_cache_root, sweep_dir)
+
+    assert sweep.main([*flags, "--print_commands"]) == 0
+    commands = capsys.readouterr().out.strip().splitlines()
+    assert len(commands) == 4 and all("-m dsbs_jax.train" in c for c in commands)
+    assert not sweep_dir.exists()  # printing launches nothing
+
+    assert sweep.main(flags) == 0
+    rows = results.aggregate(sweep_dir)
+    assert [(r.method, r.setting("TRAIN_FRACTION"), len(r.values)) for r in rows] == [
+        ("dsbs", 0.5, 1),
+        ("dsbs", 1.0, 1),
+        ("finetune", 0.5, 1),
+        ("finetune", 1.0, 1),
+    ]
+    assert rows[0].metric == "test/dsbs_synthetic_label_llm/accuracy"
+    assert rows[2].metric == "test/dsbs_synthetic_label_gt/accuracy"
+    finished = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/test_results.json")}
+    assert len(finished) == 4
+    plot = sweep_dir / results.FRACTION_PLOT
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    csv_lines = (sweep_dir / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("method,TRAIN_FRACTION,metric")
+    capsys.readouterr()
+
+    # Run again after losing one run's results (as if killed before its test): only that
+    # one runs, resuming from its final checkpoint; the others are left untouched.
+    lost = sweep_dir / "finetune,TRAIN_FRACTION=0.5" / results.TEST_RESULTS_FILE
+    lost.unlink()
+    assert sweep.main(flags) == 0
+    assert "3 finished, 1 to run" in capsys.readouterr().err
+    assert lost.exists()
+    for path, mtime in finished.items():
+        if path != lost:
+            assert path.stat().st_mtime_ns == mtime
+
+
+def test_a_sweep_over_an_undefined_macro_is_refused(gin_cache_root, tmp_path, capsys):
+    flags = [*_sweep_flags(gin_cache_root, tmp_path), "--sweep=ALHPA=[0.3]"]
+    assert sweep.main(flags) == 2
+    assert "no macro ALHPA" in capsys.readouterr().err
+
+
+def test_a_directory_holding_another_run_is_refused(gin_cache_root, tmp_path, capsys):
+    flags = _sweep_flags(gin_cache_root, tmp_path)
+    run_dir = tmp_path / "dsbs,TRAIN_FRACTION=0.5"
+    run_dir.mkdir()
+    (run_dir / results.RUN_FILE).write_text(json.dumps({"method": "dsbs", "flags": ["x"]}))
+    assert sweep.main(flags) == 2
+    assert "holds a run made with other flags" in capsys.readouterr().err
+
+
+def test_the_headline_sweep_config_parses(gin_cache_root):
+    import gin
+
+    from dsbs_jax.gin_utils import parse_gin
+
+    parse_gin(["sweeps/synthetic_data_efficiency.gin"], [], [])
+    assert gin.query_parameter("MIXTURE_OR_TASK_NAME/macro.value") == "dsbs_synthetic_step_by_step"
+    assert gin.query_parameter("TRAIN_STEPS/macro.value") == 400
