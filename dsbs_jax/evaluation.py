@@ -40,12 +40,6 @@ def fixed_size_batches(
         yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, real
 
 
-def _host_slice(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This host's rows of a global batch that every host holds."""
-    count, index = jax.process_count(), jax.process_index()
-    return {k: np.array_split(v, count)[index] for k, v in batch.items()}
-
-
 def metric_tasks(mixture_or_task_name: str) -> list[seqio.Task]:
     """The tasks of a mixture (or the task) that have metrics: the ones whose labels count."""
     provider = seqio.get_mixture_or_task(mixture_or_task_name)
@@ -73,7 +67,9 @@ def teacher_forced(
     )
     totals: dict[str, np.ndarray] | None = None
     for batch, _ in fixed_size_batches(ds.as_numpy_iterator(), batch_size):
-        sums = jax.device_get(eval_step(params, partitioner.shard_batch(_host_slice(batch))))
+        sums = jax.device_get(
+            eval_step(params, partitioner.shard_batch(partitioner.host_slice(batch)))
+        )
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
     if totals is None:
         raise ValueError(f"split '{split}' of {mixture_or_task_name} has no examples")
@@ -118,7 +114,7 @@ def decode_batches(
         disable=len(inputs) < 512 or jax.process_index() != 0,
     ) as bar:
         for batch, real in batches:
-            local = partitioner.shard_batch(_host_slice(batch))["encoder_input_tokens"]
+            local = partitioner.shard_batch(partitioner.host_slice(batch))["encoder_input_tokens"]
             with partitioner.activation_rules():
                 tokens = decoding.greedy_decode(model, params, local, max_decode_length, eos_id)
             tokens = multihost_utils.process_allgather(tokens, tiled=True)

@@ -51,6 +51,15 @@ STANDARD_LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
+def param_keys(path: Sequence[Any]) -> tuple[str, ...]:
+    """The parameter a train-state leaf belongs to: the dict keys along its path.
+
+    optax states repeat the parameter tree inside their own tuples and named tuples, so a
+    moment's dict keys are its parameter's.
+    """
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
 @gin.configurable
 def initialize_distributed(
     coordinator_address: str | None = None,
@@ -126,6 +135,23 @@ class Partitioner:
         """Sharding of arrays held whole on every device."""
         return NamedSharding(self.mesh, P())
 
+    def state_shardings(self, abstract_state: Any, params: Any) -> Any:
+        """Shardings for a train state: each leaf shaped like its parameter is sharded like it.
+
+        That covers the parameters and the optimizer's per-parameter state (Adam's moments,
+        Adafactor's unfactored ones), which would otherwise be created replicated: zeros
+        inherit no sharding, so a plain jit of `optimizer.init` puts them whole on every
+        device. The small rest (Adafactor's row and column statistics, counts) is replicated.
+        """
+        by_keys = {param_keys(path): p for path, p in jax.tree_util.tree_leaves_with_path(params)}
+
+        def place(path: Any, leaf: Any) -> NamedSharding:
+            param = by_keys.get(param_keys(path))
+            like_param = param is not None and param.shape == leaf.shape
+            return param.sharding if like_param else self.replicated
+
+        return jax.tree_util.tree_map_with_path(place, abstract_state)
+
     def logical_to_sharding(self, logical_specs: Any) -> Any:
         """Maps a tree of logical PartitionSpecs (axis names) to a tree of NamedShardings."""
         return nn.logical_to_mesh_sharding(logical_specs, self.mesh, self.logical_axis_rules)
@@ -153,13 +179,34 @@ class Partitioner:
             variables = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
         return variables, shardings
 
+    def host_rows(self, global_batch_size: int) -> np.ndarray:
+        """The rows of a global batch this process feeds: those its devices hold, sorted.
+
+        `jax.make_array_from_process_local_data` places a host's rows on its devices in this
+        order, so slicing a global batch with these indices puts every row where a
+        single-process run would, whatever the mapping of the "data" axis onto hosts.
+        """
+        if global_batch_size % self.mesh.shape["data"]:
+            raise ValueError(
+                f"batch size {global_batch_size} is not divisible by the data-parallel size "
+                f"{self.mesh.shape['data']}"
+            )
+        indices = self.data_sharding.addressable_devices_indices_map((global_batch_size,))
+        rows = {row for (index,) in indices.values() for row in range(global_batch_size)[index]}
+        return np.array(sorted(rows), dtype=np.int64)
+
+    def host_slice(self, global_batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """This host's rows (`host_rows`) of a global batch that every host holds."""
+        rows = self.host_rows(len(next(iter(global_batch.values()))))
+        return {name: np.asarray(value)[rows] for name, value in global_batch.items()}
+
     def shard_batch(self, host_local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Makes global [batch, ...] arrays from this host's rows (global = local * hosts)."""
+        """Makes global [batch, ...] arrays from this host's rows (see `host_rows`)."""
         return {
             name: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(value))
             for name, value in host_local_batch.items()
         }
 
     def data_shard_info(self) -> seqio.ShardInfo:
-        """This host's shard of the input data: one shard per process."""
+        """This host's shard of the input files: one shard per process."""
         return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())

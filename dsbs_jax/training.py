@@ -13,7 +13,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +128,15 @@ class Student:
             params = checkpoint_import.load_params(initial_checkpoint_path, self.config, shardings)
         else:
             params, _ = self.partitioner.init_sharded(init_params, jax.random.key(seed))
+
+        def init_state(params: Any) -> trainer.TrainState:
+            return trainer.init_state(params, self.optimizer)
+
+        self.state_shardings = self.partitioner.state_shardings(
+            jax.eval_shape(init_state, params), params
+        )
         with self.partitioner.activation_rules():
-            self.state = jax.jit(lambda p: trainer.init_state(p, self.optimizer))(params)
-        self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+            self.state = jax.jit(init_state, out_shardings=self.state_shardings)(params)
 
 
 @gin.configurable
@@ -155,19 +161,21 @@ def train(
     label_smoothing: float = 0.0,
     z_loss: float = 1e-4,
     use_cached: bool = False,
+    shard_files_by_host: bool = False,
 ) -> dict[str, float]:
     """Trains, evaluates on `eval_split` every `eval_period` steps, then tests the best.
 
     A run starts from `initial_checkpoint_path` (pretrained weights) unless MODEL_DIR already
-    holds a checkpoint of its own, which it resumes.
+    holds a checkpoint of its own, which it resumes. With several hosts, each feeds its rows of
+    every batch; `shard_files_by_host` makes each read only its own files instead of the whole
+    stream (see `dsbs_jax.input_pipeline`). Only the first host writes MODEL_DIR's own files;
+    orbax coordinates the checkpoint writes of all hosts.
     """
     model_dir_path = Path(model_dir).expanduser()
     is_host0 = jax.process_index() == 0
     if is_host0:
         model_dir_path.mkdir(parents=True, exist_ok=True)
         (model_dir_path / "config.gin").write_text(gin.config_str())
-    if batch_size % jax.process_count():
-        raise ValueError(f"BATCH_SIZE {batch_size} is not divisible by {jax.process_count()} hosts")
     best_metric = _primary_metric(mixture_or_task_name, eval_split)
     checkpointer = (
         Checkpointer(model_dir_path, best_metric=best_metric)
@@ -222,15 +230,16 @@ def train(
             max_decode_length,
         )
         if start_step < train_steps:
-            batches = train_batches(
+            batches = _host_train_batches(
+                partitioner,
                 mixture_or_task_name,
                 task_feature_lengths,
-                batch_size // jax.process_count(),
-                partitioner.data_shard_info(),
+                batch_size,
                 random_seed,
                 pack,
                 start_step,
                 use_cached,
+                shard_files_by_host,
             )
             state = _train_loop(
                 state,
@@ -310,6 +319,43 @@ class SplitEvaluator:
         return results
 
 
+def _host_train_batches(
+    partitioner: Partitioner,
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    batch_size: int,
+    seed: int,
+    pack: bool,
+    start_step: int,
+    use_cached: bool,
+    shard_files_by_host: bool,
+) -> Iterator[dict[str, np.ndarray]]:
+    """This host's rows of every global batch, from the whole stream or from its own files."""
+    rows = partitioner.host_rows(batch_size)
+    if shard_files_by_host:
+        shard_info, batch_rows, host_rows = partitioner.data_shard_info(), len(rows), None
+    else:
+        shard_info, batch_rows, host_rows = seqio.ShardInfo(0, 1), batch_size, rows
+    if jax.process_count() > 1:
+        source = f"file shard {shard_info.index}" if shard_files_by_host else "all files"
+        print(
+            f"host {jax.process_index()} of {jax.process_count()} reads {source} and feeds "
+            f"rows {rows[0]}..{rows[-1]} ({len(rows)}) of each batch of {batch_size}",
+            file=sys.stderr,
+        )
+    return train_batches(
+        mixture_or_task_name,
+        task_feature_lengths,
+        batch_rows,
+        shard_info,
+        seed,
+        pack,
+        start_step,
+        use_cached,
+        host_rows,
+    )
+
+
 def _train_loop(
     state: trainer.TrainState,
     train_step: Any,
@@ -356,7 +402,8 @@ def _train_loop(
             if step % eval_period == 0 or step == train_steps:
                 metrics_for_best = evaluate(state.params, eval_split)
                 writer.write(step, "training_eval", metrics_for_best)
-                bar.write(format_results(f"{eval_split} at step {step}", metrics_for_best))
+                if jax.process_index() == 0:  # tqdm.write prints even when the bar is off
+                    bar.write(format_results(f"{eval_split} at step {step}", metrics_for_best))
             data = {"step": step, "seed": seed}
             checkpointer.save(step, state, data, metrics_for_best, force=step == train_steps)
     return state

@@ -234,3 +234,12 @@ def test_data_shard_info_single_process():
 def test_initialize_distributed_without_arguments_is_noop():
     initialize_distributed()
     assert jax.process_count() == 1
+
+
+def test_host_rows_single_process():
+    partitioner = Partitioner(2)  # (4, 2): one process holds every row
+    np.testing.assert_array_equal(partitioner.host_rows(8), np.arange(8))
+    batch = {"tokens": np.arange(16).reshape(8, 2)}
+    np.testing.assert_array_equal(partitioner.host_slice(batch)["tokens"], batch["tokens"])
+    with pytest.raises(ValueError, match="not divisible by the data-parallel size 4"):
+        partitioner.host_rows(6)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -279,3 +280,16 @@ def test_training_starts_from_an_initial_hugging_face_checkpoint(gin_cache_root,
         np.testing.assert_array_equal(a, np.asarray(b))
     (hf_dir / "model.safetensors").unlink()  # resuming must not need it any more
     assert main(flags) == 0
+
+
+def test_gin_files_resolve_beside_folders_named_like_theirs(gin_cache_root, tmp_path, monkeypatch):
+    """A first run writes ./runs/; a second `--gin_file=runs/demo.gin` must still find the
+    project's file rather than crash on gin's lookup of `runs` as a Python package."""
+    from dsbs_jax.gin_utils import parse_gin
+
+    for folder in ("runs", "models", "data"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # as `python -m` puts the working directory
+    parse_gin(["runs/demo.gin"], [], [])
+    assert gin.query_parameter("MODEL_DIR/macro.value") == "runs/demo"
