@@ -45,7 +45,13 @@ def _encode(model: T5, params: Params, tokens: Array, segment_ids: Array | None)
 def init_cache(
     model: T5, params: Params, encoded: Array, encoder_input_tokens: Array, max_decode_length: int
 ) -> Cache:
-    """Zero decoder cache for `max_decode_length` steps, built from shapes alone."""
+    """Decoder cache for `max_decode_length` steps, before the first step.
+
+    Self-attention keys/values are zeros; cross-attention keys/values are the encoder output's
+    projections, computed here once rather than at every step. The cache-creating call runs
+    the decoder over `max_decode_length` positions, but only the cache is kept: under `jit`
+    (as in `greedy_decode`) that dead computation is removed and only the projections run.
+    """
 
     def create(params: Params, encoded: Array, encoder_input_tokens: Array) -> Cache:
         decoder_inputs = jnp.zeros((encoded.shape[0], max_decode_length), jnp.int32)
@@ -61,8 +67,7 @@ def init_cache(
         )
         return variables["cache"]
 
-    shapes = jax.eval_shape(create, params, encoded, encoder_input_tokens)
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return create(params, encoded, encoder_input_tokens)
 
 
 def _greedy_loop(

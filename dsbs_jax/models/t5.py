@@ -335,14 +335,23 @@ class MultiHeadAttention(nn.Module):
         enable_dropout: bool,
         decode: bool = False,
         cache_index: Array | None = None,
+        static_kv: bool = False,
     ) -> Array:
-        """Attends from `inputs_q` to `inputs_kv`; with `decode`, keys/values go to the cache."""
+        """Attends from `inputs_q` to `inputs_kv`; with `decode`, keys/values go to the cache.
+
+        `static_kv` (cross-attention): `inputs_kv` is the same at every decoding step, so with
+        `decode` its keys and values are projected once, on the cache-creating call, and read
+        back from the cache at every step.
+        """
         cfg = self.config
         query = self._project(inputs_q, "query", _query_init(cfg.head_dim))
-        key = self._project(inputs_kv, "key", _kernel_init())
-        value = self._project(inputs_kv, "value", _kernel_init())
-        if decode:
-            key, value = self._cached_keys_values(key, value, cache_index)
+        if decode and static_kv:
+            key, value = self._static_keys_values(inputs_kv)
+        else:
+            key = self._project(inputs_kv, "key", _kernel_init())
+            value = self._project(inputs_kv, "value", _kernel_init())
+            if decode:
+                key, value = self._cached_keys_values(key, value, cache_index)
         heads = self._attend(query, key, value, bias, enable_dropout)
         batch, length = heads.shape[:2]
         joined = heads.reshape(batch, length, cfg.num_heads * cfg.head_dim)
@@ -355,6 +364,22 @@ class MultiHeadAttention(nn.Module):
         joined = _dense(cfg.num_heads * cfg.head_dim, ("embed", "joined_kv"), init, cfg, name)(x)
         split = joined.reshape(*x.shape[:2], cfg.num_heads, cfg.head_dim)
         return nn.with_logical_constraint(split, ("batch", "length", "heads", "kv"))
+
+    def _static_keys_values(self, inputs_kv: Array) -> tuple[Array, Array]:
+        """Keys and values of an input that never changes while decoding, projected once.
+
+        The cache-creating call projects them and stores them in the cache; later calls read
+        them from there without touching `inputs_kv`.
+        """
+        if self.has_variable("cache", "cached_key"):
+            return self.get_variable("cache", "cached_key"), self.get_variable(
+                "cache", "cached_value"
+            )
+        key = self._project(inputs_kv, "key", _kernel_init())
+        value = self._project(inputs_kv, "value", _kernel_init())
+        self.put_variable("cache", "cached_key", key)
+        self.put_variable("cache", "cached_value", value)
+        return key, value
 
     def _cached_keys_values(
         self, key: Array, value: Array, cache_index: Array | None
@@ -478,7 +503,9 @@ class DecoderLayer(nn.Module):
             cfg,
             x,
             "pre_cross_attention_layer_norm",
-            lambda h: cross_attention(h, encoded, cross_bias, enable_dropout),
+            lambda h: cross_attention(
+                h, encoded, cross_bias, enable_dropout, decode, cache_index, static_kv=True
+            ),
             enable_dropout,
         )
         mlp = MlpBlock(cfg, name="mlp")

@@ -1,0 +1,1 @@
+"""Benchmarks against the official implementation; run as `python -m benchmarks.<script>`."""

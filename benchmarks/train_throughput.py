@@ -1,0 +1,294 @@
+"""Training throughput: ours (packed, one jitted step) against the official training step.
+
+    python -m benchmarks.train_throughput --json benchmarks/results/train.json
+
+Ours: the paired step-by-step mixture, packed into rows of `--inputs-length` /
+`--targets-length` tokens, through the training program's jitted train step (AdamW with
+clipping, state donated). The number of packed rows is chosen so that a step holds
+`--batch-size` input pairs on average; the pairs actually present are counted.
+
+Baseline, as the official `TaskPrefixTrainer` runs a step: Hugging Face
+`T5ForConditionalGeneration` in PyTorch, the `predict:` batch and the `explain:` batch of the
+same `--batch-size` inputs each padded to its own longest row (DataCollatorForSeq2Seq), two
+forward passes, `alpha * pred_loss + (1 - alpha) * expl_loss`, backward, gradient clipping at
+1.0, AdamW (lr 5e-5, linear decay).
+
+An example is one input with its label and its rationale; tokens are the non-padding encoder
+and target tokens; both are counted the same way on both sides. Batches are built before
+timing on both sides, so the figures are of the training step alone. Rates are medians over
+the timed steps of (amount in the step / step time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks import common
+
+OFFICIAL_LENGTHS = {"inputs": 1024, "targets": 256}  # the official truncation
+FIGURES = (
+    ("examples_per_s", "examples/s", "higher"),
+    ("tokens_per_s", "tokens/s", "higher"),
+    ("step_time_median_s", "s", "lower"),
+    ("examples_per_cpu_s", "examples per CPU-second", "higher"),
+    ("peak_rss_mib", "MiB", "lower"),
+    ("compile_s", "s", "lower"),
+    ("real_token_fraction", "", "higher"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, prog="python -m " + __spec__.name)
+    common.add_common_args(parser)
+    parser.add_argument("--batch-size", type=int, default=16, help="input pairs per step")
+    parser.add_argument("--inputs-length", type=int, default=384, help="ours: packed row length")
+    parser.add_argument("--targets-length", type=int, default=136, help="ours: packed row length")
+    parser.add_argument(
+        "--rows", type=int, default=0, help="ours: packed rows per step (0: about --batch-size)"
+    )
+    parser.add_argument("--no-pack", action="store_true", help="ours: pad instead of packing")
+    parser.add_argument("--alpha", type=float, default=0.5)
+    return parser
+
+
+def _counts(batch: dict[str, Any], pack: bool) -> tuple[float, int, int]:
+    """(input pairs, real tokens, token slots) of one of our batches."""
+    if pack:
+        sequences = int(batch["decoder_segment_ids"].max(axis=1).sum())
+    else:
+        sequences = int((batch["decoder_target_tokens"] > 0).any(axis=1).sum())
+    real = int(
+        (batch["encoder_input_tokens"] > 0).sum() + (batch["decoder_target_tokens"] > 0).sum()
+    )
+    slots = batch["encoder_input_tokens"].size + batch["decoder_target_tokens"].size
+    return sequences / 2, real, slots
+
+
+def auto_rows(mixture: str, lengths: dict[str, int], batch_size: int, seed: int) -> int:
+    """Packed rows per step that hold about `batch_size` pairs, from a sample of rows."""
+    import seqio
+
+    from dsbs_jax.input_pipeline import train_batches
+
+    sample = train_batches(mixture, lengths, 16, seqio.ShardInfo(0, 1), seed + 1)
+    pairs = [_counts(next(sample), pack=True)[0] for _ in range(4)]
+    pairs_per_row = sum(pairs) / (16 * len(pairs))
+    return max(1, round(batch_size / pairs_per_row))
+
+
+def ours(args: argparse.Namespace) -> dict[str, Any]:
+    common.quiet_tensorflow()
+    dataset = common.prepare_data(args)
+    import jax
+    import seqio
+
+    from dsbs_jax import trainer, training
+    from dsbs_jax.input_pipeline import train_batches
+
+    lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
+    mixture = f"dsbs_{dataset}_step_by_step"
+    pack = not args.no_pack
+    rows = args.rows or (
+        auto_rows(mixture, lengths, args.batch_size, args.seed) if pack else 2 * args.batch_size
+    )
+    stream = train_batches(mixture, lengths, rows, seqio.ShardInfo(0, 1), args.seed, pack)
+    batches = [next(stream) for _ in range(1 + args.warmup + args.steps)]
+    rss_before = common.current_rss_mib()
+
+    config = common.model_config(args)
+    model_config = dict(
+        preset=args.preset,
+        vocab_size=config.vocab_size,
+        dtype=config.dtype,
+        dropout_rate=config.dropout_rate,
+    )
+    with_gin_alpha(args.alpha)
+    student = training.Student(mixture, lengths, model_config, 10_000, args.seed)
+    partitioner = student.partitioner
+    rng = jax.random.key(args.seed)
+    with partitioner.activation_rules():
+        step = jax.jit(
+            trainer.make_train_step(student.model, student.optimizer, 1, 0.0, 1e-4),
+            in_shardings=(
+                student.state_shardings,
+                partitioner.data_sharding,
+                partitioner.replicated,
+            ),
+            out_shardings=(student.state_shardings, partitioner.replicated),
+            donate_argnums=(0,),
+        )
+        state = student.state
+        first = partitioner.shard_batch(batches[0])
+        compile_s, compiled = common.timed(lambda: step.lower(state, first, rng).compile())
+        times: list[tuple[float, float]] = []
+        for batch in batches:
+            seconds, cpu, (state, metrics) = common.timed_cpu(
+                lambda b=batch: jax.block_until_ready(
+                    compiled(state, partitioner.shard_batch(b), rng)  # noqa: B023
+                )
+            )
+            times.append((seconds, cpu))
+    loss = float(metrics["loss"])
+    return _summary(
+        [_counts(b, pack) for b in batches],
+        times,
+        args,
+        compile_s=compile_s,
+        rss_before=rss_before,
+        rows=rows,
+        inputs_length=args.inputs_length,
+        targets_length=args.targets_length,
+        packed=pack,
+        dataset=dataset,
+        last_loss=loss,
+        xla_temp_mib=_temp_mib(compiled),
+    )
+
+
+def with_gin_alpha(alpha: float) -> None:
+    import gin
+
+    with gin.unlock_config():
+        gin.bind_parameter("step_by_step_loss_weights.alpha", alpha)
+
+
+def _temp_mib(compiled: Any) -> float | None:
+    try:
+        return compiled.memory_analysis().temp_size_in_bytes / 2**20
+    except Exception:  # memory analysis is not available on every backend
+        return None
+
+
+def baseline(args: argparse.Namespace) -> dict[str, Any]:
+    common.quiet_tensorflow()
+    dataset = common.prepare_data(args)
+    import numpy as np
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    pairs = common.paired_examples(dataset, "train", OFFICIAL_LENGTHS, args.seed)
+    batches, counts = [], []
+    for _ in range(1 + args.warmup + args.steps):
+        chunk = [next(pairs) for _ in range(args.batch_size)]
+        pred = _collate([label for label, _ in chunk])
+        expl = _collate([rationale for _, rationale in chunk])
+        batches.append({"pred": pred, "expl": expl})
+        real = sum(
+            int(b["attention_mask"].sum() + (b["labels"] != -100).sum()) for b in (pred, expl)
+        )
+        slots = sum(b["input_ids"].numel() + b["labels"].numel() for b in (pred, expl))
+        counts.append((float(args.batch_size), real, slots))
+    rss_before = common.current_rss_mib()
+
+    model = common.hf_model(common.model_config(args), args.seed)
+    model.train()
+    total_steps = 10_000
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0)
+    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, 0, total_steps)
+    alpha = args.alpha
+
+    def train_step(batch: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        pred_outputs = model(**batch["pred"])
+        expl_outputs = model(**batch["expl"])
+        loss = alpha * pred_outputs.loss + (1.0 - alpha) * expl_outputs.loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        model.zero_grad()
+        return loss.detach()
+
+    times = []
+    for batch in batches:
+        seconds, cpu, loss = common.timed_cpu(lambda b=batch: train_step(b))
+        times.append((seconds, cpu))
+    return _summary(
+        counts,
+        times,
+        args,
+        compile_s=None,
+        rss_before=rss_before,
+        dataset=dataset,
+        last_loss=float(loss),
+        torch_threads=torch.get_num_threads(),
+        mean_padded_lengths=[
+            float(np.mean([b[t][k].shape[1] for b in batches]))
+            for t in ("pred", "expl")
+            for k in ("input_ids", "labels")
+        ],
+    )
+
+
+def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """DataCollatorForSeq2Seq: pad to the longest row; labels padded with -100."""
+    import numpy as np
+    import torch
+
+    def pad(key: str, value: int) -> torch.Tensor:
+        longest = max(len(ex[key]) for ex in examples)
+        out = torch.full((len(examples), longest), value, dtype=torch.long)
+        for row, ex in enumerate(examples):
+            out[row, : len(ex[key])] = torch.from_numpy(np.array(ex[key], dtype=np.int64))
+        return out
+
+    input_ids = pad("inputs", 0)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": (input_ids != 0).long(),
+        "labels": pad("targets", -100),
+    }
+
+
+def _summary(
+    counts: Sequence[tuple[float, int, int]],
+    times: Sequence[tuple[float, float]],
+    args: argparse.Namespace,
+    compile_s: float | None,
+    rss_before: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Figures over the timed steps: the first (compiling) and the warmup steps are left out."""
+    skip = 1 + args.warmup
+    timed_counts = counts[skip:]
+    timed_times, cpu_times = [t[0] for t in times[skip:]], [t[1] for t in times[skip:]]
+    examples = [c[0] for c in timed_counts]
+    tokens = [c[1] for c in timed_counts]
+    result = {
+        "examples_per_s": common.median_rate(examples, timed_times),
+        "tokens_per_s": common.median_rate(tokens, timed_times),
+        "step_time_median_s": statistics.median(timed_times),
+        "step_time_min_s": min(timed_times),
+        "step_cpu_time_median_s": statistics.median(cpu_times),
+        "examples_per_cpu_s": common.median_rate(examples, cpu_times),
+        "first_step_s": times[0][0],
+        "examples_per_step": statistics.mean(examples),
+        "real_token_fraction": sum(tokens) / sum(c[2] for c in timed_counts),
+        "peak_rss_mib": common.peak_rss_mib(),
+        "rss_before_model_mib": rss_before,
+        "timed_steps": len(timed_times),
+        **extra,
+    }
+    if compile_s is not None:
+        result["compile_s"] = compile_s
+    return {k: v for k, v in result.items() if v is not None}
+
+
+SIDE_FNS = {"ours": ours, "baseline": baseline}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if common.child_main(args, SIDE_FNS):
+        return None
+    results = common.run_sides(__spec__.name, argv, args, SIDE_FNS)
+    return common.report("train", args, results, FIGURES)
+
+
+if __name__ == "__main__":
+    main()
