@@ -8,8 +8,9 @@ Every run is `python -m dsbs_jax.train` with the same gin files and flags plus i
 bindings, in its own MODEL_DIR under the sweep's MODEL_DIR. The directories are the
 sweep's only state: a run with `test_results.json` is finished and skipped, an
 interrupted one resumes from its last checkpoint, so an interrupted sweep is simply
-run again. `--print_commands` prints one launch command per unfinished run instead,
-for a cluster scheduler; the results are then aggregated with `--aggregate_only`.
+run again. `--print_commands` records each unfinished run's `run.json` and prints its
+launch command instead of running it, for a cluster scheduler; the results are then
+aggregated with `--aggregate_only`.
 """
 
 from __future__ import annotations
@@ -131,6 +132,10 @@ def _macro(name: str) -> Any:
         raise ValueError(f"the gin files define no macro {name}") from None
 
 
+def _binds(macro: str, binding: str) -> bool:
+    return binding.split("=", 1)[0].strip() == macro
+
+
 def _finished(model_dir: Path) -> bool:
     return (model_dir / results_lib.TEST_RESULTS_FILE).exists()
 
@@ -169,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--print_commands",
         action="store_true",
-        help="print one launch command per unfinished run instead of running them",
+        help="record the unfinished runs and print one launch command each, running none",
     )
     parser.add_argument(
         "--aggregate_only", action="store_true", help="only aggregate the finished runs"
@@ -204,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *(f"--gin_file={f}" for f in args.gin_file),
         *(f"--gin_bindings={b}" for b in args.gin_bindings),
         *(f"--gin_search_paths={p}" for p in args.gin_search_paths),
-        *(f"--gin.{b.replace(' = ', '=', 1)}" for b in gin_flags),
+        *(f"--gin.{b.replace(' = ', '=', 1)}" for b in gin_flags if not _binds("MODEL_DIR", b)),
     ]
     failed: list[str] = []
     if not args.aggregate_only:
@@ -245,10 +250,10 @@ def _launch(
         model_dir = sweep_dir / run.name
         flags = [*shared, f"--gin.MODEL_DIR={_gin_literal(str(model_dir))}", *run.bindings(dataset)]
         command = [sys.executable, "-m", "dsbs_jax.train", *flags]
+        _claim(model_dir, run, flags)  # --aggregate_only finds the runs by their run.json
         if print_only:
             print(shlex.join(["python", *command[1:]]))
             continue
-        _claim(model_dir, run, flags)
         print(f"[{i}/{len(todo)}] {run.name}", file=sys.stderr)
         try:
             code = subprocess.run(command, env=env).returncode

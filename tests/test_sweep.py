@@ -111,7 +111,9 @@ def test_a_two_by_two_sweep_runs_skips_finished_runs_and_plots(gin_cache_root, t
     assert sweep.main([*flags, "--print_commands"]) == 0
     commands = capsys.readouterr().out.strip().splitlines()
     assert len(commands) == 4 and all("-m dsbs_jax.train" in c for c in commands)
-    assert not sweep_dir.exists()  # printing launches nothing
+    assert all(c.count("MODEL_DIR") == 1 for c in commands)
+    assert len(list(sweep_dir.glob("*/run.json"))) == 4  # recorded for --aggregate_only
+    assert not list(sweep_dir.glob("*/checkpoint_*"))  # but nothing ran
 
     assert sweep.main(flags) == 0
     rows = results.aggregate(sweep_dir)
