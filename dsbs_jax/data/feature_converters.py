@@ -16,6 +16,7 @@ import gin
 import seqio
 import tensorflow as tf
 
+from dsbs_jax.data import packing
 from dsbs_jax.data.preprocessors import TaskRole
 
 ROLE_TOKENS = "targets_task_role"
@@ -38,6 +39,8 @@ class StepByStepFeatureConverter(seqio.EncDecFeatureConverter):
     `decoder_task_ids` holds the TaskRole of every target token (0 on padding);
     `decoder_loss_weights` holds that role's weight. Examples without a
     `task_role` feature count as labels, so plain seqio tasks work too.
+    `first_fit_window` is how many examples each first-fit packing pass sees; None packs
+    with SeqIO's packer instead, which keeps one row open at a time.
     """
 
     MODEL_FEATURES = {
@@ -53,6 +56,7 @@ class StepByStepFeatureConverter(seqio.EncDecFeatureConverter):
         apply_length_check: bool = True,
         bos_id: int = 0,
         loss_weights: Mapping[int, float] | None = None,
+        first_fit_window: int | None = packing.DEFAULT_WINDOW,
     ) -> None:
         super().__init__(
             pack=pack,
@@ -67,6 +71,14 @@ class StepByStepFeatureConverter(seqio.EncDecFeatureConverter):
         self._weight_table = tf.constant(
             [0.0] + [float(weights.get(int(r), 1.0)) for r in TaskRole], tf.float32
         )
+        self._first_fit_window = first_fit_window
+
+    def _pack_or_pad(
+        self, ds: tf.data.Dataset, packed_lengths: Mapping[str, int]
+    ) -> tf.data.Dataset:
+        if self.pack and self._first_fit_window is not None:
+            return packing.first_fit_pack_dataset(ds, packed_lengths, self._first_fit_window)
+        return super()._pack_or_pad(ds, packed_lengths)
 
     def _convert_features(
         self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
