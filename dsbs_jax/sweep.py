@@ -25,6 +25,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ METHOD_MIXTURES = {
 # gives each of them one run per other combination, not one per alpha.
 ALPHA_FREE_METHODS = ("finetune", "distill", "single_task")
 COMPILATION_CACHE = ".jax_cache"
+RUN_LOG = "train.log"  # a run's output when several run at once
 _MACRO = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
@@ -177,6 +179,12 @@ def _parser() -> argparse.ArgumentParser:
         help="record the unfinished runs and print one launch command each, running none",
     )
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once (default 1); with more, each run's output goes to its train.log",
+    )
+    parser.add_argument(
         "--aggregate_only", action="store_true", help="only aggregate the finished runs"
     )
     return parser
@@ -190,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     args = parser.parse_args(rest)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if not args.gin_file:
         parser.error("give at least one --gin_file (e.g. --gin_file=runs/demo.gin)")
     try:
@@ -214,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed: list[str] = []
     if not args.aggregate_only:
         try:
-            failed = _launch(runs, dataset, sweep_dir, shared, args.print_commands)
+            failed = _launch(runs, dataset, sweep_dir, shared, args.print_commands, args.jobs)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -233,37 +243,70 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _launch(
-    runs: Sequence[Run], dataset: str, sweep_dir: Path, shared: list[str], print_only: bool
+    runs: Sequence[Run],
+    dataset: str,
+    sweep_dir: Path,
+    shared: list[str],
+    print_only: bool,
+    jobs: int = 1,
 ) -> list[str]:
-    """Runs (or prints) every unfinished run in order; returns the names of those that failed."""
-    failed = []
+    """Runs (or prints) every unfinished run, `jobs` at a time; returns the names that failed."""
     todo = [run for run in runs if not _finished(sweep_dir / run.name)]
-    # Runs of one sweep compile the same programs; JAX's persistent cache compiles each once.
-    env = {"JAX_COMPILATION_CACHE_DIR": str(sweep_dir / COMPILATION_CACHE), **os.environ}
-    if not print_only:
-        print(
-            f"sweep of {len(runs)} runs under {sweep_dir}: {len(runs) - len(todo)} finished,"
-            f" {len(todo)} to run",
-            file=sys.stderr,
-        )
-    for i, run in enumerate(todo, 1):
+    launches = []
+    for run in todo:
         model_dir = sweep_dir / run.name
         flags = [*shared, f"--gin.MODEL_DIR={_gin_literal(str(model_dir))}", *run.bindings(dataset)]
-        command = [sys.executable, "-m", "dsbs_jax.train", *flags]
         _claim(model_dir, run, flags)  # --aggregate_only finds the runs by their run.json
-        if print_only:
+        launches.append((run.name, model_dir, [sys.executable, "-m", "dsbs_jax.train", *flags]))
+    if print_only:
+        for _, _, command in launches:
             print(shlex.join(["python", *command[1:]]))
-            continue
-        print(f"[{i}/{len(todo)}] {run.name}", file=sys.stderr)
-        try:
-            code = subprocess.run(command, env=env).returncode
-        except KeyboardInterrupt:
-            print("interrupted: run the same command again to go on", file=sys.stderr)
-            raise SystemExit(130) from None
-        if code != 0:
-            print(f"[{i}/{len(todo)}] {run.name} failed (exit {code})", file=sys.stderr)
-            failed.append(run.name)
+        return []
+    print(
+        f"sweep of {len(runs)} runs under {sweep_dir}: {len(runs) - len(todo)} finished,"
+        f" {len(todo)} to run" + (f", {jobs} at a time" if jobs > 1 else ""),
+        file=sys.stderr,
+    )
+    # Runs of one sweep compile the same programs; JAX's persistent cache compiles each once.
+    env = {"JAX_COMPILATION_CACHE_DIR": str(sweep_dir / COMPILATION_CACHE), **os.environ}
+    running: list[tuple[str, subprocess.Popen]] = []
+    failed = []
+    try:
+        for i, (name, model_dir, command) in enumerate(launches, 1):
+            while len(running) == jobs:
+                failed += _reap(running)
+            if jobs == 1:  # one run at a time: its progress bar on this terminal
+                print(f"[{i}/{len(launches)}] {name}", file=sys.stderr)
+                running.append((name, subprocess.Popen(command, env=env)))
+            else:  # several: each writes to a log in its own directory
+                log = model_dir / RUN_LOG
+                print(f"[{i}/{len(launches)}] {name} (log: {log})", file=sys.stderr)
+                with open(log, "ab") as out:
+                    process = subprocess.Popen(command, env=env, stdout=out, stderr=out)
+                running.append((name, process))
+        while running:
+            failed += _reap(running)
+    except KeyboardInterrupt:
+        for _, process in running:
+            process.terminate()
+        for _, process in running:
+            process.wait()
+        print("interrupted: run the same command again to go on", file=sys.stderr)
+        raise SystemExit(130) from None
     return failed
+
+
+def _reap(running: list[tuple[str, subprocess.Popen]]) -> list[str]:
+    """Waits until a run ends and removes it from `running`; returns its name if it failed."""
+    while True:
+        for entry in running:
+            name, process = entry
+            code = process.poll()
+            if code is not None:
+                running.remove(entry)
+                print(f"{name} {'done' if code == 0 else f'failed (exit {code})'}", file=sys.stderr)
+                return [name] if code else []
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,10 @@ def test_a_two_by_two_sweep_runs_skips_finished_runs_and_plots(gin_cache_root, t
     assert len(list(sweep_dir.glob("*/run.json"))) == 4  # recorded for --aggregate_only
     assert not list(sweep_dir.glob("*/checkpoint_*"))  # but nothing ran
 
-    assert sweep.main(flags) == 0
+    assert sweep.main([*flags, "--jobs=2"]) == 0
+    assert "2 at a time" in capsys.readouterr().err
+    logs = sorted(sweep_dir.glob(f"*/{sweep.RUN_LOG}"))
+    assert len(logs) == 4 and all("test (checkpoint " in log.read_text() for log in logs)
     rows = results.aggregate(sweep_dir)
     assert [(r.method, r.setting("TRAIN_FRACTION"), len(r.values)) for r in rows] == [
         ("dsbs", 0.5, 1),
@@ -131,7 +134,6 @@ def test_a_two_by_two_sweep_runs_skips_finished_runs_and_plots(gin_cache_root, t
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     csv_lines = (sweep_dir / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 5 and csv_lines[0].startswith("method,TRAIN_FRACTION,metric")
-    capsys.readouterr()
 
     # Run again after losing one run's results (as if killed before its test): only that
     # one runs, resuming from its final checkpoint; the others are left untouched.
@@ -167,4 +169,4 @@ def test_the_headline_sweep_config_parses(gin_cache_root):
 
     parse_gin(["sweeps/synthetic_data_efficiency.gin"], [], [])
     assert gin.query_parameter("MIXTURE_OR_TASK_NAME/macro.value") == "dsbs_synthetic_step_by_step"
-    assert gin.query_parameter("TRAIN_STEPS/macro.value") == 400
+    assert gin.query_parameter("TRAIN_STEPS/macro.value") == 1500
