@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-pack", action="store_true", help="ours: pad instead of packing")
     parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument(
+        "--use-hardware-rng",
+        action="store_true",
+        help="ours: dropout masks from XLA's RngBitGenerator (train.use_hardware_rng)",
+    )
     return parser
 
 
@@ -109,7 +114,7 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
     with_gin_alpha(args.alpha)
     student = training.Student(mixture, lengths, model_config, 10_000, args.seed)
     partitioner = student.partitioner
-    rng = jax.random.key(args.seed)
+    rng = trainer.dropout_key(args.seed, args.use_hardware_rng)
     with partitioner.activation_rules():
         step = jax.jit(
             trainer.make_train_step(student.model, student.optimizer, 1, 0.0, 1e-4),

@@ -43,6 +43,16 @@ class TrainState:
     opt_state: PyTree
 
 
+def dropout_key(seed: int, use_hardware_rng: bool = False) -> Array:
+    """The key every train step folds its step number into for dropout.
+
+    `use_hardware_rng` (t5x's flag of that name) draws dropout masks with XLA's
+    RngBitGenerator (`unsafe_rbg`) instead of threefry: cheaper on every backend, and
+    still deterministic for a given mesh, but the masks change with the partitioning.
+    """
+    return jax.random.key(seed, impl="unsafe_rbg" if use_hardware_rng else "threefry2x32")
+
+
 def init_state(params: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
     step = jnp.zeros((), jnp.int32)
     return TrainState(step=step, params=params, opt_state=optimizer.init(params))

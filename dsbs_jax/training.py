@@ -162,6 +162,7 @@ def train(
     z_loss: float = 1e-4,
     use_cached: bool = False,
     shard_files_by_host: bool = False,
+    use_hardware_rng: bool = False,
 ) -> dict[str, float]:
     """Trains, evaluates on `eval_split` every `eval_period` steps, then tests the best.
 
@@ -169,7 +170,8 @@ def train(
     holds a checkpoint of its own, which it resumes. With several hosts, each feeds its rows of
     every batch; `shard_files_by_host` makes each read only its own files instead of the whole
     stream (see `dsbs_jax.input_pipeline`). Only the first host writes MODEL_DIR's own files;
-    orbax coordinates the checkpoint writes of all hosts.
+    orbax coordinates the checkpoint writes of all hosts. `use_hardware_rng` draws dropout
+    masks with XLA's RngBitGenerator (see `trainer.dropout_key`).
     """
     model_dir_path = Path(model_dir).expanduser()
     is_host0 = jax.process_index() == 0
@@ -256,6 +258,7 @@ def train(
                 checkpointer,
                 writer,
                 random_seed,
+                trainer.dropout_key(random_seed, use_hardware_rng),
             )
         else:
             print(f"{model_dir_path} is already trained to step {start_step}", file=sys.stderr)
@@ -371,8 +374,8 @@ def _train_loop(
     checkpointer: Checkpointer,
     writer: MetricsWriter,
     seed: int,
+    rng: jax.Array,
 ) -> trainer.TrainState:
-    rng = jax.random.key(seed)
     pending: list[dict[str, jax.Array]] = []
     window_start, window_step = time.perf_counter(), start_step
     with tqdm(

@@ -93,6 +93,25 @@ def test_sharded_training_equals_one_device(gin_cache_root, num_partitions):
     np.testing.assert_allclose(_run_steps(num_partitions, batch), reference, rtol=2e-5)
 
 
+def test_hardware_rng_dropout_is_repeatable_and_not_threefrys(gin_cache_root):
+    """`train.use_hardware_rng`: other dropout masks than threefry's, the same ones every time."""
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+    config = get_config(
+        "tiny", vocab_size=128, num_heads=4, head_dim=8, dtype=jnp.float32, dropout_rate=0.3
+    )
+    model, optimizer = T5(config), optax.adamw(1e-3)
+    state = _init(model, Partitioner(num_partitions=1, devices=jax.devices()[:1]), optimizer)
+    step_fn = jax.jit(trainer.make_train_step(model, optimizer))
+
+    def loss(key):
+        return float(step_fn(state, batch, key)[1]["loss"])
+
+    hardware = loss(trainer.dropout_key(1, use_hardware_rng=True))
+    assert hardware == loss(trainer.dropout_key(1, use_hardware_rng=True))
+    assert hardware != loss(trainer.dropout_key(1))
+    assert loss(trainer.dropout_key(1)) == loss(jax.random.key(1))  # the default is threefry
+
+
 def test_resumed_pipeline_gives_the_next_batch(gin_cache_root):
     fresh = train_batches(MIXTURE, LENGTHS, 4, seqio.ShardInfo(0, 1), seed=3)
     expected = [next(fresh) for _ in range(6)][5]
