@@ -24,6 +24,15 @@ ALPHA_MACRO = "ALPHA"
 TABLE_FILES = ("results.csv", "results.md")
 FRACTION_PLOT = "accuracy_vs_fraction.png"
 ALPHA_PLOT = "accuracy_vs_alpha.png"
+# What the plots' legends call each method of `dsbs_jax.sweep`; others go by their name.
+METHOD_TITLES = {
+    "dsbs": "step-by-step, teacher labels",
+    "dsbs_gt": "step-by-step, gold labels",
+    "dsbs_rates": "step-by-step, rate mixture",
+    "finetune": "standard finetuning (gold labels)",
+    "distill": "standard distillation (teacher labels)",
+    "single_task": "single-task (rationale and label)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +136,8 @@ def _lines(rows: Sequence[Row], x_macro: str) -> dict[str, list[tuple[float, Row
         if x is None:
             continue
         others = [f"{k}={_cell(v)}" for k, v in row.settings if k != x_macro and v is not None]
-        label = row.method + (f" ({', '.join(others)})" if others else "")
+        title = METHOD_TITLES.get(row.method, row.method)
+        label = title + (f"; {', '.join(others)}" if others else "")
         lines.setdefault(label, []).append((float(x), row))
     return {label: sorted(points) for label, points in lines.items() if len(points) > 1}
 
@@ -143,8 +153,11 @@ def plot(rows: Sequence[Row], x_macro: str, path: Path, title: str) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for label, points in lines.items():
-        xs = [x for x, _ in points]
+    log_x = x_macro == FRACTION_MACRO
+    for i, (label, points) in enumerate(lines.items()):
+        # Each line a little to the side of the others, so that error bars do not overlap.
+        shift = 0.02 * (i - (len(lines) - 1) / 2)
+        xs = [x * 2**shift if log_x else x + shift for x, _ in points]
         ax.errorbar(
             xs,
             [r.mean for _, r in points],
@@ -154,7 +167,7 @@ def plot(rows: Sequence[Row], x_macro: str, path: Path, title: str) -> bool:
             label=label,
         )
     xs = sorted({x for points in lines.values() for x, _ in points})
-    if x_macro == FRACTION_MACRO:
+    if log_x:
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [f"{100 * x:g}%" for x in xs])
         ax.set_xlabel("share of the training data")
