@@ -59,6 +59,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         help="the model's vocabulary size, on both sides (T5's 32128 by default)",
     )
     parser.add_argument("--dropout", type=float, default=0.1, help="dropout rate, both sides")
+    add_side_args(parser)
+
+
+def add_side_args(parser: argparse.ArgumentParser) -> None:
+    """What every script takes, data or not: threads, steps, sides, processes, output."""
     parser.add_argument(
         "--threads",
         type=int,

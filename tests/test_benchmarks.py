@@ -8,7 +8,7 @@ from pathlib import Path
 import gin
 import pytest
 
-from benchmarks import decode_throughput, packing, train_throughput
+from benchmarks import decode_throughput, matmul, packing, train_throughput
 
 
 @pytest.fixture
@@ -91,3 +91,23 @@ def test_packing_raises_the_real_token_fraction(common_args, tmp_path: Path):
         for key in ("real_fraction", "real_fraction_inputs", "real_fraction_targets"):
             assert 0 < results[side][key] <= 1, (side, key)
     assert results["ours"]["real_fraction"] > results["ours_unpacked"]["real_fraction"]
+
+
+def test_matmul_reports_both_dtypes_and_what_xla_compiled(tmp_path: Path):
+    out = tmp_path / "matmul.json"
+    matmul.main(
+        ["--in-process", "--steps=2", "--warmup=0", "--m=8", "--k=16", "--n=32", f"--json={out}"]
+    )
+    payload = json.loads(out.read_text())
+    for side in ("ours", "baseline"):
+        _positive(payload["results"][side], ("gflops_float32", "gflops_bfloat16"))
+    assert payload["results"]["ours"]["xla_dot_dtype_float32"] == "f32"
+    assert payload["results"]["ours"]["xla_dot_dtype_bfloat16"] in {"f32", "bf16"}
+
+
+def test_compiled_dot_dtype_reads_library_fusions_and_plain_dots():
+    fusion = "  %ynn_fusion = f32[8,32]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused"
+    assert matmul.compiled_dot_dtype("%x = bf16[8,16]{1,0} parameter(0)\n" + fusion) == "f32"
+    assert matmul.compiled_dot_dtype("ROOT %d = bf16[8,32]{1,0} dot(%a, %b), lhs=") == "bf16"
+    with pytest.raises(ValueError, match="no dot"):
+        matmul.compiled_dot_dtype("%x = f32[8]{0} add(%a, %b)")
