@@ -59,6 +59,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         help="the model's vocabulary size, on both sides (T5's 32128 by default)",
     )
     parser.add_argument("--dropout", type=float, default=0.1, help="dropout rate, both sides")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="ours: activation dtype (t5_config.dtype); parameters stay float32",
+    )
+    parser.add_argument(
+        "--baseline-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="baseline: bfloat16 runs it under torch.autocast, as the official --bf16 does",
+    )
     add_side_args(parser)
 
 
@@ -129,8 +141,8 @@ def prepare_data(args: argparse.Namespace) -> str:
     return dataset
 
 
-def model_config(args: argparse.Namespace, dtype: str = "float32") -> Any:
-    """Our T5Config for the benchmark (float32 on CPU: bfloat16 matmuls are slow there)."""
+def model_config(args: argparse.Namespace) -> Any:
+    """Our T5Config for the benchmark, with activations in `--dtype`."""
     import jax.numpy as jnp
 
     from dsbs_jax.models.t5 import get_config
@@ -139,8 +151,19 @@ def model_config(args: argparse.Namespace, dtype: str = "float32") -> Any:
         args.preset,
         vocab_size=args.model_vocab_size,
         dropout_rate=args.dropout,
-        dtype=jnp.dtype(dtype),
+        dtype=jnp.dtype(args.dtype),
     )
+
+
+def baseline_precision(args: argparse.Namespace) -> Any:
+    """The context the baseline's forward passes run in: autocast for `--baseline-dtype`."""
+    import contextlib
+
+    import torch
+
+    if args.baseline_dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=getattr(torch, args.baseline_dtype))
 
 
 def hf_model(config: Any, seed: int) -> Any:

@@ -143,11 +143,12 @@ def baseline(args: argparse.Namespace) -> dict[str, Any]:
     )
     times = []
     for input_ids, attention_mask in tensors:
-        seconds, cpu, out = common.timed_cpu(
-            lambda i=input_ids, m=attention_mask: model.generate(
-                input_ids=i, attention_mask=m, generation_config=generation_config
+        with common.baseline_precision(args):
+            seconds, cpu, out = common.timed_cpu(
+                lambda i=input_ids, m=attention_mask: model.generate(
+                    input_ids=i, attention_mask=m, generation_config=generation_config
+                )
             )
-        )
         times.append((seconds, cpu))
     assert tuple(out.shape) == (args.batch_size, length + 1), out.shape  # + the start token
     return _summary(

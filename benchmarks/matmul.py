@@ -1,4 +1,4 @@
-"""FLOP rate of one matrix multiply in XLA (ours) and PyTorch (baseline), float32 and bfloat16.
+"""FLOP rate of one matrix multiply in XLA (ours) and PyTorch (baseline), by precision.
 
     python -m benchmarks.matmul --json benchmarks/results/matmul.json
 
@@ -7,25 +7,32 @@ framework reaches on one multiply of the training step's shape bounds what eithe
 The default shape is the T5-small logits projection of a training step: 1216 target tokens of
 width 512 times the 512 x 32128 output embedding.
 
-Each dtype multiplies operands of that dtype. For bfloat16, the script also reports the element
-type of the dot that XLA compiled: where the backend has no bfloat16 dot, XLA converts the
-operands to float32 first, and the rate is the float32 one or lower. PyTorch runs bfloat16
-through oneDNN, which uses AMX tiles on CPUs that have them.
+Precisions: `float32`; `bfloat16`, operands and result in bfloat16; `bfloat16_f32`,
+bfloat16 operands with a float32 result, which is how `dsbs_jax.models.mixed_precision`
+multiplies (PyTorch has no such call, and its bfloat16 matmul accumulates in float32 anyway,
+so its two bfloat16 figures are the same call). For ours, the script also reports whether XLA
+compiled the multiply on float32 copies of bfloat16 operands: XLA:CPU does that for a dot with
+a bfloat16 result, and runs bfloat16 kernels (AMX or AVX512-BF16 where the CPU has them) only
+for a float32 result. PyTorch runs bfloat16 through oneDNN.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks import common
 
-DTYPES = ("float32", "bfloat16")
-FIGURES = tuple((f"gflops_{dtype}", "GFLOP/s", "higher") for dtype in DTYPES)
+# precision: (operand dtype, result dtype)
+PRECISIONS = {
+    "float32": ("float32", "float32"),
+    "bfloat16": ("bfloat16", "bfloat16"),
+    "bfloat16_f32": ("bfloat16", "float32"),
+}
+FIGURES = tuple((f"gflops_{name}", "GFLOP/s", "higher") for name in PRECISIONS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,12 +56,9 @@ def _seconds(args: argparse.Namespace, multiply: Callable[[], Any]) -> list[floa
     return [common.timed(multiply)[0] for _ in range(args.steps)]
 
 
-def compiled_dot_dtype(hlo_text: str) -> str:
-    """The element type of the first dot (or library fusion running one) in compiled HLO."""
-    for line in hlo_text.splitlines():
-        if re.search(r"= \w+\[[^\]]*\]\S* (dot\(|fusion\(.*kind=kCustom)", line):
-            return line.split("=", 1)[1].strip().split("[", 1)[0]
-    raise ValueError("no dot in the compiled HLO")
+def converts_operands(hlo_text: str, operand_shape: Sequence[int]) -> bool:
+    """Whether compiled HLO holds a float32 copy of a (lower-precision) operand's shape."""
+    return f"f32[{','.join(map(str, operand_shape))}]" in hlo_text
 
 
 def _until_ready(fn: Callable[..., Any], *operands: Any) -> Any:
@@ -67,13 +71,15 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
     import jax.numpy as jnp
 
     result: dict[str, Any] = {"jax": jax.__version__}
-    for dtype in DTYPES:
-        a = jnp.ones((args.m, args.k), dtype)
-        b = jnp.ones((args.k, args.n), dtype)
-        compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-        result[f"xla_dot_dtype_{dtype}"] = compiled_dot_dtype(compiled.as_text())
+    for name, (operands, out) in PRECISIONS.items():
+        a = jnp.ones((args.m, args.k), operands)
+        b = jnp.ones((args.k, args.n), operands)
+        multiply = functools.partial(jnp.matmul, preferred_element_type=jnp.dtype(out))
+        compiled = jax.jit(multiply).lower(a, b).compile()
+        if operands != "float32":
+            result[f"converts_operands_{name}"] = converts_operands(compiled.as_text(), a.shape)
         run = functools.partial(_until_ready, compiled, a, b)
-        result[f"gflops_{dtype}"] = _gflops(args, _seconds(args, run))
+        result[f"gflops_{name}"] = _gflops(args, _seconds(args, run))
     return result
 
 
@@ -82,12 +88,12 @@ def baseline(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"torch": torch.__version__}
-    for dtype in DTYPES:
-        a = torch.ones((args.m, args.k), dtype=getattr(torch, dtype))
-        b = torch.ones((args.k, args.n), dtype=getattr(torch, dtype))
+    for name, (operands, _) in PRECISIONS.items():
+        a = torch.ones((args.m, args.k), dtype=getattr(torch, operands))
+        b = torch.ones((args.k, args.n), dtype=getattr(torch, operands))
         with torch.inference_mode():
             run = functools.partial(torch.matmul, a, b)
-            result[f"gflops_{dtype}"] = _gflops(args, _seconds(args, run))
+            result[f"gflops_{name}"] = _gflops(args, _seconds(args, run))
     return result
 
 
@@ -100,10 +106,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if common.child_main(args, SIDE_FNS):
         return None
     results = common.run_sides(__spec__.name, argv, args, SIDE_FNS)
-    for dtype in DTYPES:
-        compiled = results.get("ours", {}).get(f"xla_dot_dtype_{dtype}")
-        if compiled is not None:
-            print(f"matmul ours {dtype} operands: XLA compiled a {compiled} dot", flush=True)
+    for name in PRECISIONS:
+        converted = results.get("ours", {}).get(f"converts_operands_{name}")
+        if converted is not None:
+            how = "float32 copies of the operands" if converted else "the bfloat16 operands"
+            print(f"matmul ours {name}: XLA multiplies {how}", flush=True)
     return common.report("matmul", args, results, FIGURES)
 
 

@@ -198,9 +198,10 @@ def baseline(args: argparse.Namespace) -> dict[str, Any]:
     alpha = args.alpha
 
     def train_step(batch: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-        pred_outputs = model(**batch["pred"])
-        expl_outputs = model(**batch["expl"])
-        loss = alpha * pred_outputs.loss + (1.0 - alpha) * expl_outputs.loss
+        with common.baseline_precision(args):
+            pred_outputs = model(**batch["pred"])
+            expl_outputs = model(**batch["expl"])
+            loss = alpha * pred_outputs.loss + (1.0 - alpha) * expl_outputs.loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

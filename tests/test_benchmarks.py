@@ -93,21 +93,19 @@ def test_packing_raises_the_real_token_fraction(common_args, tmp_path: Path):
     assert results["ours"]["real_fraction"] > results["ours_unpacked"]["real_fraction"]
 
 
-def test_matmul_reports_both_dtypes_and_what_xla_compiled(tmp_path: Path):
+def test_matmul_reports_every_precision_and_whether_xla_converted(tmp_path: Path):
     out = tmp_path / "matmul.json"
-    matmul.main(
-        ["--in-process", "--steps=2", "--warmup=0", "--m=8", "--k=16", "--n=32", f"--json={out}"]
-    )
-    payload = json.loads(out.read_text())
+    argv = ["--in-process", "--steps=2", "--warmup=0", "--m=8", "--k=16", "--n=32"]
+    matmul.main([*argv, f"--json={out}"])
+    results = json.loads(out.read_text())["results"]
     for side in ("ours", "baseline"):
-        _positive(payload["results"][side], ("gflops_float32", "gflops_bfloat16"))
-    assert payload["results"]["ours"]["xla_dot_dtype_float32"] == "f32"
-    assert payload["results"]["ours"]["xla_dot_dtype_bfloat16"] in {"f32", "bf16"}
+        _positive(results[side], tuple(f"gflops_{name}" for name in matmul.PRECISIONS))
+    # A float32 result keeps XLA on the bfloat16 operands; a bfloat16 one makes it convert.
+    assert results["ours"]["converts_operands_bfloat16"] is True
+    assert results["ours"]["converts_operands_bfloat16_f32"] is False
 
 
-def test_compiled_dot_dtype_reads_library_fusions_and_plain_dots():
-    fusion = "  %ynn_fusion = f32[8,32]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused"
-    assert matmul.compiled_dot_dtype("%x = bf16[8,16]{1,0} parameter(0)\n" + fusion) == "f32"
-    assert matmul.compiled_dot_dtype("ROOT %d = bf16[8,32]{1,0} dot(%a, %b), lhs=") == "bf16"
-    with pytest.raises(ValueError, match="no dot"):
-        matmul.compiled_dot_dtype("%x = f32[8]{0} add(%a, %b)")
+def test_converts_operands_looks_for_a_float32_copy_of_the_operand():
+    hlo = "%c = f32[8,16]{1,0} fusion(%a), kind=kLoop\n%d = f32[8,32]{1,0} dot(%c, %b)"
+    assert matmul.converts_operands(hlo, (8, 16))
+    assert not matmul.converts_operands(hlo.replace("f32[8,16]", "bf16[8,16]"), (8, 16))

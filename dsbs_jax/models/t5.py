@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsbs_jax.models import mixed_precision
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -254,15 +256,20 @@ def _dense(
     init: Initializer,
     config: T5Config,
     name: str,
-    dtype: Any = None,
+    out_dtype: Any = None,
 ) -> nn.Dense:
-    """Bias-free dense layer whose 2-D kernel carries logical axis names."""
+    """Bias-free dense layer whose 2-D kernel carries logical axis names.
+
+    Its operands are in `config.dtype`; bfloat16 ones accumulate in float32
+    (`mixed_precision.matmul`), and the result is in `out_dtype` (default `config.dtype`).
+    """
     return nn.Dense(
         features,
         use_bias=False,
-        dtype=config.dtype if dtype is None else dtype,
+        dtype=config.dtype,
         param_dtype=config.param_dtype,
         kernel_init=nn.with_logical_partitioning(init, axes),
+        dot_general=functools.partial(mixed_precision.dense_dot_general, out_dtype=out_dtype),
         name=name,
     )
 
@@ -619,7 +626,11 @@ class Decoder(nn.Module):
         return relpos(cache_index.reshape(1, 1), key_positions) + _mask_to_bias(visible)
 
     def _logits(self, x: Array) -> Array:
-        """Float32 vocabulary logits: untied `logits_dense` (T5 1.1) or tied and rescaled."""
+        """Float32 vocabulary logits: untied `logits_dense` (T5 1.1) or tied and rescaled.
+
+        `logits_dense` multiplies in `config.dtype` and accumulates in float32, as a TPU does
+        with t5x's float32 logits layer at default matmul precision.
+        """
         cfg = self.config
         if cfg.logits_via_embedding:
             logits = self.shared_embedding.attend(x).astype(jnp.float32) / np.sqrt(cfg.emb_dim)
@@ -721,3 +732,4 @@ class T5(nn.Module):
             decode,
             max_decode_length,
         )
+

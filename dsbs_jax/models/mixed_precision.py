@@ -1,0 +1,77 @@
+"""Dense-layer matmuls with low-precision operands that accumulate in float32, both ways.
+
+XLA:CPU multiplies bfloat16 matrices with its bfloat16 kernels (AMX tiles or AVX512-BF16 where
+the CPU has them) only when the dot's result is float32. A dot with a bfloat16 result is
+rewritten to convert both operands to float32 first, which is slower than float32 throughout.
+`jax.grad` of a dot with a float32 result would make the backward dots mixed float32 x
+bfloat16, which are converted the same way. `matmul` asks for a float32 result in the forward
+dot and in both backward dots, then casts each to the dtype its consumer expects. On TPU and
+GPU the matrix units accumulate bfloat16 products in float32 anyway, so the arithmetic is that
+of a plain bfloat16 dot there.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _accumulated(spec: str, lhs: Array, rhs: Array, out_dtype: Any) -> Array:
+    return jnp.einsum(spec, lhs, rhs, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(inputs: Array, kernel: Array, out_dtype: Any) -> Array:
+    return _accumulated("...k,kn->...n", inputs, kernel, out_dtype)
+
+
+def _matmul_fwd(inputs: Array, kernel: Array, out_dtype: Any):
+    return _matmul(inputs, kernel, out_dtype), (inputs, kernel)
+
+
+def _matmul_bwd(out_dtype: Any, residuals: tuple[Array, Array], grad: Array):
+    inputs, kernel = residuals
+    grad = grad.astype(inputs.dtype)
+    return (
+        _accumulated("...n,kn->...k", grad, kernel, inputs.dtype),
+        _accumulated("...k,...n->kn", inputs, grad, kernel.dtype),
+    )
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(inputs: Array, kernel: Array, out_dtype: Any = None) -> Array:
+    """`inputs @ kernel` ([..., k] x [k, n]) in `out_dtype` (default: the operands' dtype).
+
+    float32 operands take the plain dot; bfloat16 (or float16) ones the float32-accumulating
+    dot above.
+    """
+    out_dtype = jnp.dtype(inputs.dtype if out_dtype is None else out_dtype)
+    if inputs.dtype != kernel.dtype:
+        raise ValueError(f"operands of one dtype expected, got {inputs.dtype} x {kernel.dtype}")
+    if inputs.dtype == jnp.float32:
+        return (inputs @ kernel).astype(out_dtype)
+    return _matmul(inputs, kernel, out_dtype)
+
+
+def dense_dot_general(
+    lhs: Array,
+    rhs: Array,
+    dimension_numbers: Sequence[Any],
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    out_dtype: Any = None,
+) -> Array:
+    """For `nn.Dense(dot_general=...)`: the dense layer's contraction through `matmul`."""
+    contracting, batch = dimension_numbers
+    if tuple(map(tuple, contracting)) != ((lhs.ndim - 1,), (0,)) or any(map(len, batch)):
+        raise ValueError(f"not a dense layer's dot: dimension numbers {dimension_numbers}")
+    del precision, preferred_element_type  # matmul sets its own accumulation
+    return matmul(lhs, rhs, out_dtype)
