@@ -282,6 +282,20 @@ def child_main(args: argparse.Namespace, side_fns: Mapping[str, Callable]) -> bo
     return True
 
 
+def main_sides(
+    module: str,
+    parser: argparse.ArgumentParser,
+    side_fns: Mapping[str, Callable[[argparse.Namespace], dict[str, Any]]],
+    argv: Sequence[str] | None,
+) -> tuple[argparse.Namespace, dict[str, dict[str, Any]]] | None:
+    """A script's main: (args, each side's result), or None in a side's own process."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if child_main(args, side_fns):
+        return None
+    return args, run_sides(module, argv, args, side_fns)
+
+
 def machine() -> dict[str, Any]:
     return {
         "platform": platform.platform(),

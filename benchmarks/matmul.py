@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -101,11 +100,10 @@ SIDE_FNS = {"ours": ours, "baseline": baseline}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if common.child_main(args, SIDE_FNS):
+    ran = common.main_sides(__spec__.name, build_parser(), SIDE_FNS, argv)
+    if ran is None:
         return None
-    results = common.run_sides(__spec__.name, argv, args, SIDE_FNS)
+    args, results = ran
     for name in PRECISIONS:
         converted = results.get("ours", {}).get(f"converts_operands_{name}")
         if converted is not None:

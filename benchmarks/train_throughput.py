@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -288,11 +287,10 @@ SIDE_FNS = {"ours": ours, "baseline": baseline}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if common.child_main(args, SIDE_FNS):
+    ran = common.main_sides(__spec__.name, build_parser(), SIDE_FNS, argv)
+    if ran is None:
         return None
-    results = common.run_sides(__spec__.name, argv, args, SIDE_FNS)
+    args, results = ran
     return common.report("train", args, results, FIGURES)
 
 

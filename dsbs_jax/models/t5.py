@@ -732,4 +732,3 @@ class T5(nn.Module):
             decode,
             max_decode_length,
         )
-
