@@ -66,10 +66,12 @@ def test_bfloat16_matmul_never_multiplies_float32_copies_of_its_operands():
         assert _dot_operand_types(plain) == [("f32", "f32")]
 
 
-def test_float32_operands_take_the_plain_dot_and_out_dtype_is_honoured():
+def test_other_dtypes_take_the_plain_dot_and_out_dtype_is_honoured():
     x, w, _ = _operands()
     x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
     np.testing.assert_array_equal(mixed_precision.matmul(x32, w32), x32 @ w32)
+    x16, w16 = x.astype(jnp.float16), w.astype(jnp.float16)
+    np.testing.assert_array_equal(mixed_precision.matmul(x16, w16), x16 @ w16)
     assert mixed_precision.matmul(x, w, jnp.float32).dtype == jnp.float32
     with pytest.raises(ValueError, match="one dtype"):
         mixed_precision.matmul(x, w32)
@@ -81,7 +83,7 @@ def test_dense_dot_general_refuses_other_contractions():
         mixed_precision.dense_dot_general(x, w.T, (((1,), (1,)), ((), ())))
 
 
-def test_bfloat16_model_matches_float32_and_trains_and_decodes():
+def test_bfloat16_model_gives_float32s_loss_and_gradients_and_decodes():
     def config(dtype):
         return get_config("tiny", vocab_size=64, dtype=dtype, dropout_rate=0.0)
 

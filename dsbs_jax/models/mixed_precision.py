@@ -50,13 +50,13 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 def matmul(inputs: Array, kernel: Array, out_dtype: Any = None) -> Array:
     """`inputs @ kernel` ([..., k] x [k, n]) in `out_dtype` (default: the operands' dtype).
 
-    float32 operands take the plain dot; bfloat16 (or float16) ones the float32-accumulating
-    dot above.
+    bfloat16 operands take the float32-accumulating dot above; others the plain dot (XLA:CPU
+    has no float16 kernels for a float32 result).
     """
     out_dtype = jnp.dtype(inputs.dtype if out_dtype is None else out_dtype)
     if inputs.dtype != kernel.dtype:
         raise ValueError(f"operands of one dtype expected, got {inputs.dtype} x {kernel.dtype}")
-    if inputs.dtype == jnp.float32:
+    if inputs.dtype != jnp.bfloat16:
         return (inputs @ kernel).astype(out_dtype)
     return _matmul(inputs, kernel, out_dtype)
 
