@@ -13,6 +13,7 @@ never compete. `--in-process` runs both in this process (tests).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -157,8 +158,6 @@ def model_config(args: argparse.Namespace) -> Any:
 
 def baseline_precision(args: argparse.Namespace) -> Any:
     """The context the baseline's forward passes run in: autocast for `--baseline-dtype`."""
-    import contextlib
-
     import torch
 
     if args.baseline_dtype == "float32":

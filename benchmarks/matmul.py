@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,9 +56,16 @@ def _seconds(args: argparse.Namespace, multiply: Callable[[], Any]) -> list[floa
     return [common.timed(multiply)[0] for _ in range(args.steps)]
 
 
-def converts_operands(hlo_text: str, operand_shape: Sequence[int]) -> bool:
-    """Whether compiled HLO holds a float32 copy of a (lower-precision) operand's shape."""
-    return f"f32[{','.join(map(str, operand_shape))}]" in hlo_text
+def dot_operand_types(hlo_text: str) -> list[tuple[str, str]]:
+    """The element types of the two operands of every dot in compiled HLO text."""
+    types = dict(re.findall(r"(%[\w.-]+) = (\w+)\[", hlo_text))
+    dots = re.findall(r"= \w+\[[^\]]*\]\S* dot\((%[\w.-]+), (%[\w.-]+)\)", hlo_text)
+    return [(types[a], types[b]) for a, b in dots]
+
+
+def converts_operands(hlo_text: str) -> bool:
+    """Whether XLA multiplies float32 copies of (lower-precision) operands: a float32 dot."""
+    return any("f32" in types for types in dot_operand_types(hlo_text))
 
 
 def _until_ready(fn: Callable[..., Any], *operands: Any) -> Any:
@@ -76,7 +84,7 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
         multiply = functools.partial(jnp.matmul, preferred_element_type=jnp.dtype(out))
         compiled = jax.jit(multiply).lower(a, b).compile()
         if operands != "float32":
-            result[f"converts_operands_{name}"] = converts_operands(compiled.as_text(), a.shape)
+            result[f"converts_operands_{name}"] = converts_operands(compiled.as_text())
         run = functools.partial(_until_ready, compiled, a, b)
         result[f"gflops_{name}"] = _gflops(args, _seconds(args, run))
     return result

@@ -106,6 +106,11 @@ def test_matmul_reports_every_precision_and_whether_xla_converted(tmp_path: Path
 
 
 def test_converts_operands_looks_for_a_float32_copy_of_the_operand():
-    hlo = "%c = f32[8,16]{1,0} fusion(%a), kind=kLoop\n%d = f32[8,32]{1,0} dot(%c, %b)"
-    assert matmul.converts_operands(hlo, (8, 16))
-    assert not matmul.converts_operands(hlo.replace("f32[8,16]", "bf16[8,16]"), (8, 16))
+    hlo = (
+        "%a = bf16[8,16]{1,0} parameter(0)\n%b = bf16[16,32]{1,0} parameter(1)\n"
+        "%c = f32[8,16]{1,0} fusion(%a), kind=kLoop\n%d = f32[16,32]{1,0} fusion(%b)\n"
+        "ROOT %e = f32[8,32]{1,0} dot(%c, %d), lhs_contracting_dims={1}"
+    )
+    assert matmul.dot_operand_types(hlo) == [("f32", "f32")]
+    assert matmul.converts_operands(hlo)
+    assert not matmul.converts_operands(hlo.replace("dot(%c, %d)", "dot(%a, %b)"))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.matmul import dot_operand_types
 from dsbs_jax import decoding
 from dsbs_jax.models import mixed_precision
 from dsbs_jax.models.t5 import T5, get_config
@@ -43,13 +42,6 @@ def test_bfloat16_matmul_matches_float32_products_and_gradients():
     np.testing.assert_allclose(dw.astype(jnp.float32), dw_expected, rtol=2e-2, atol=1e-1)
 
 
-def _dot_operand_types(hlo: str) -> list[tuple[str, str]]:
-    """The element types of the two operands of every dot in compiled HLO text."""
-    types = dict(re.findall(r"(%[\w.-]+) = (\w+)\[", hlo))
-    dots = re.findall(r"= \w+\[[^\]]*\]\S* dot\((%[\w.-]+), (%[\w.-]+)\)", hlo)
-    return [(types[a], types[b]) for a, b in dots]
-
-
 def test_bfloat16_matmul_never_multiplies_float32_copies_of_its_operands():
     x, w, cotangent = _operands()
 
@@ -57,13 +49,13 @@ def test_bfloat16_matmul_never_multiplies_float32_copies_of_its_operands():
         return jnp.sum(mixed_precision.matmul(x, w).astype(jnp.float32) * cotangent)
 
     hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
-    dots = _dot_operand_types(hlo)
+    dots = dot_operand_types(hlo)
     assert len(dots) == 3, dots  # forward, and one for each operand's gradient
     assert all(types == ("bf16", "bf16") for types in dots), dots
     # The plain bfloat16 dot, by contrast, is run on float32 copies by XLA:CPU.
     if jax.default_backend() == "cpu":
         plain = jax.jit(jnp.matmul).lower(x, w).compile().as_text()
-        assert _dot_operand_types(plain) == [("f32", "f32")]
+        assert dot_operand_types(plain) == [("f32", "f32")]
 
 
 def test_other_dtypes_take_the_plain_dot_and_out_dtype_is_honoured():
