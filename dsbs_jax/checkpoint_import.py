@@ -401,7 +401,10 @@ def _resolve(path: str) -> tuple[str, epath.Path]:
     """('hf' | 't5x' | 'ours', checkpoint dir); a MODEL_DIR resolves to its latest step."""
     root = epath.Path(path)
     if not root.is_dir():
-        raise CheckpointImportError(f"{path} is not a directory")
+        raise CheckpointImportError(
+            f"no checkpoint directory at {path}: give a Hugging Face T5 directory, a t5x "
+            "checkpoint or a MODEL_DIR that `python -m dsbs_jax.train` wrote"
+        )
     kind = _kind(root)
     latest = None if kind else _latest_step_dir(root)
     if latest is not None:

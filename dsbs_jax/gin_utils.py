@@ -9,16 +9,19 @@ another model, a NaN loss) ends as one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
 import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import gin
 from gin import config as gin_config
-from gin import resource_reader
+from gin import config_parser, resource_reader
 
 from dsbs_jax.partitioning import initialize_distributed
 
@@ -91,10 +94,20 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return bindings, rest
 
 
+class UnknownBindingError(ValueError):
+    """A command-line macro or binding that the configuration would never read."""
+
+
 def parse_gin(
     gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]
 ) -> None:
-    """Finds gin files on the search paths (then the project's gin_configs/) and parses them."""
+    """Finds gin files on the search paths (then the project's gin_configs/) and parses them.
+
+    Then the command line's `bindings`, each of which must be read by the configuration:
+    a binding of a configurable or parameter that does not exist, or a macro that no file
+    or binding uses, raises UnknownBindingError naming the nearest known name, since a
+    misspelt `--gin.TRAIN_STEP=100` would otherwise train with the default in silence.
+    """
     paths = [p for entry in search_paths for p in entry.split(",") if p]
     for path in [*paths, os.getcwd(), str(PROJECT_GIN_CONFIGS)]:
         gin.add_config_file_search_path(path)
@@ -103,9 +116,78 @@ def parse_gin(
     level = root.level
     root.setLevel(logging.CRITICAL)
     try:
-        gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
+        gin.parse_config_files_and_bindings(list(gin_files), [], finalize_config=False)
     finally:
         root.setLevel(level)
+    keys = [key for key in map(_binding_key, bindings) if key]
+    for key in keys:
+        _check_binding_key(key)
+    gin.parse_config(list(bindings))
+    check_macros_used(key for key in keys if _is_macro(key))
+
+
+_BINDING_KEY = re.compile(r"^\s*([A-Za-z_][\w./]*)\s*=")
+
+
+def _binding_key(binding: str) -> str | None:
+    """`'train.x = 3'` -> `'train.x'`; None for the `import` and `include` statements."""
+    match = _BINDING_KEY.match(binding)
+    return match.group(1) if match else None
+
+
+def _is_macro(key: str) -> bool:
+    return "." not in key.rsplit("/", 1)[-1]
+
+
+def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(set(known)), n=1, cutoff=0.6)
+    return f": did you mean {close[0]!r}?" if close else ""
+
+
+def _check_binding_key(key: str) -> None:
+    """Raises UnknownBindingError unless `key` names a known configurable's parameter."""
+    if _is_macro(key):
+        return
+    _, selector, parameter = config_parser.parse_binding_key(key)
+    configurable = gin_config._REGISTRY.get_match(selector)
+    if configurable is None:
+        known = [c.name for _, c in gin_config._REGISTRY.items()]
+        raise UnknownBindingError(
+            f"--gin.{key}: no configurable {selector!r}{_did_you_mean(selector, known)}"
+        )
+    fn = inspect.unwrap(configurable.wrapped)
+    if inspect.isclass(fn):
+        fn = fn.__init__
+    signature = inspect.signature(fn).parameters.values()
+    named = [p.name for p in signature if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in signature) and not configurable.allowlist
+    known = [*named, *(configurable.allowlist or ())]
+    if parameter not in known and not takes_any:
+        raise UnknownBindingError(
+            f"--gin.{key}: {selector!r} has no parameter {parameter!r}"
+            f"{_did_you_mean(parameter, known)}"
+        )
+
+
+def _macro_names(references: Any) -> set[str]:
+    return {
+        ref.scoped_selector.rsplit("/", 1)[0]
+        for ref in references
+        if ref.configurable.name == "macro"
+    }
+
+
+def check_macros_used(names: Iterable[str]) -> None:
+    """Raises UnknownBindingError for a macro in `names` that nothing in the config reads."""
+    used = _macro_names(gin_config.iterate_references(gin_config._CONFIG))
+    defined = [scope for scope, selector in gin_config._CONFIG if selector == "gin.macro"]
+    for name in names:
+        if name not in used:
+            known = [m for m in [*used, *defined] if m != name]
+            raise UnknownBindingError(
+                f"--gin.{name}: no gin file or binding uses the macro {name!r}"
+                f"{_did_you_mean(name, known)}"
+            )
 
 
 def run(

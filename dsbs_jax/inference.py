@@ -31,6 +31,12 @@ def restore_student(
     checkpoint: str | int = "best",
 ) -> tuple[Student, Any, int]:
     """(student, params, step) from MODEL_DIR's "best" or "latest" checkpoint, or a step."""
+    root = Path(model_dir).expanduser()
+    if not (root.is_dir() and any(root.glob("checkpoint_*"))):
+        raise FileNotFoundError(
+            f"MODEL_DIR {root} holds no checkpoint; train one there first with "
+            "`python -m dsbs_jax.train` and the same gin files and flags"
+        )
     student = Student(mixture_or_task_name, task_feature_lengths, model_config, 1, 0)
     with Checkpointer(Path(model_dir).expanduser(), keep_best=checkpoint == "best") as ckpt:
         if checkpoint == "best" and ckpt.best_step() is None:

@@ -33,7 +33,8 @@ from typing import Any
 import gin
 
 from dsbs_jax import results as results_lib
-from dsbs_jax.gin_utils import EXIT_BAD_INPUT, parse_gin, split_gin_flags
+from dsbs_jax.data.run_inputs import ensure_run_inputs
+from dsbs_jax.gin_utils import EXIT_BAD_INPUT, check_macros_used, parse_gin, split_gin_flags
 
 # A method's name → the mixture suffix of its SeqIO registration (dsbs_<dataset>_<suffix>).
 METHOD_MIXTURES = {
@@ -207,9 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_gin(args.gin_file, [*args.gin_bindings, *gin_flags], args.gin_search_paths)
         for name in axes:
             _macro(name)
+        check_macros_used(axes)
         sweep_dir = Path(_macro("MODEL_DIR")).expanduser().absolute()
         dataset = dataset_of(_macro("MIXTURE_OR_TASK_NAME"))
         runs = plan([m.strip() for m in args.methods.split(",") if m.strip()], axes)
+        if not args.aggregate_only:  # once here, not in each of the runs at once
+            ensure_run_inputs(_macro("MIXTURE_OR_TASK_NAME"))
     except Exception as e:  # a bad flag, gin file or binding: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -69,6 +69,21 @@ def model_logits(
     )
 
 
+def batch_counts(batch: Batch) -> dict[str, Array]:
+    """How many examples (an input with its target) and non-padding tokens a batch holds.
+
+    A packed row holds several examples, numbered by its segment ids from 1; an unpacked row
+    holds one, unless it is padding.
+    """
+    targets = batch["decoder_target_tokens"]
+    if "decoder_segment_ids" in batch:
+        examples = jnp.max(batch["decoder_segment_ids"], axis=-1).sum()
+    else:
+        examples = jnp.any(targets > 0, axis=-1).sum()
+    tokens = (batch["encoder_input_tokens"] > 0).sum() + (targets > 0).sum()
+    return {"examples": examples.astype(jnp.float32), "tokens": tokens.astype(jnp.float32)}
+
+
 def _split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, Array]:
     def split(x: Array) -> Array:
         if x.shape[0] % num_microbatches:
@@ -124,6 +139,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         metrics = losses.summarise_loss_sums(sums)
         metrics["grad_norm"] = optax.global_norm(grads)
+        metrics.update(batch_counts(batch))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

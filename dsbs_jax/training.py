@@ -9,6 +9,7 @@ once at the end with the best checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from dsbs_jax import checkpoint_import, evaluation, optimizers, trainer
 from dsbs_jax.checkpoints import Checkpointer
+from dsbs_jax.data.run_inputs import ensure_run_inputs
 from dsbs_jax.input_pipeline import train_batches
 from dsbs_jax.models.t5 import T5, T5Config, get_config
 from dsbs_jax.partitioning import Partitioner
@@ -38,7 +40,11 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message names the step."""
 
 
-@gin.configurable
+# t5_config passes what it does not name on to T5Config: gin may bind those fields, no others.
+_T5_CONFIG_PARAMETERS = ["preset", "original_t5", *(f.name for f in dataclasses.fields(T5Config))]
+
+
+@gin.configurable(allowlist=_T5_CONFIG_PARAMETERS)
 def t5_config(
     preset: str = "small",
     vocab_size: int | None = None,
@@ -173,6 +179,7 @@ def train(
     orbax coordinates the checkpoint writes of all hosts. `use_hardware_rng` draws dropout
     masks with XLA's RngBitGenerator (see `trainer.dropout_key`).
     """
+    ensure_run_inputs(mixture_or_task_name)
     model_dir_path = Path(model_dir).expanduser()
     is_host0 = jax.process_index() == 0
     if is_host0:
@@ -390,14 +397,13 @@ def _train_loop(
             pending.append(metrics)
             if step % log_period == 0 or step == train_steps:
                 logged = _mean_metrics(jax.device_get(pending), step - len(pending) + 1)
-                elapsed = time.perf_counter() - window_start
-                steps_per_s = (step - window_step) / elapsed
-                logged.update(
-                    steps_per_second=steps_per_s, seqs_per_second=steps_per_s * batch_size
-                )
+                logged.update(_throughput(logged, step - window_step, window_start, batch_size))
                 writer.write(step, "train", logged)
                 bar.set_postfix(
-                    loss=f"{logged['loss']:.4f}", ex_per_s=f"{steps_per_s * batch_size:.1f}"
+                    loss=f"{logged['loss']:.4f}",
+                    ex_per_s=f"{logged['examples_per_second']:.1f}",
+                    tok_per_s=f"{logged['tokens_per_second']:.0f}",
+                    rows_per_s=f"{logged['rows_per_second']:.1f}",
                 )
                 pending, window_start, window_step = [], time.perf_counter(), step
             bar.update(1)
@@ -410,6 +416,23 @@ def _train_loop(
             data = {"step": step, "seed": seed}
             checkpointer.save(step, state, data, metrics_for_best, force=step == train_steps)
     return state
+
+
+def _throughput(
+    means: Mapping[str, float], steps: int, since: float, batch_size: int
+) -> dict[str, float]:
+    """Per-second rates over the last `steps` steps, from their mean per-step counts.
+
+    Examples are inputs with their targets (a packed row holds several); tokens are the
+    non-padding input and target tokens; rows are the batch's (packed) sequences.
+    """
+    step_time = (time.perf_counter() - since) / steps
+    return {
+        "step_time_s": step_time,
+        "examples_per_second": means["examples"] / step_time,
+        "tokens_per_second": means["tokens"] / step_time,
+        "rows_per_second": batch_size / step_time,
+    }
 
 
 def _mean_metrics(history: Sequence[Mapping[str, np.ndarray]], first_step: int) -> dict:

@@ -226,7 +226,10 @@ def test_demo_style_run_learns_and_resumes(gin_cache_root, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--gin.no_such_function.x=1"], "error: bad gin configuration: No configurable"),
+        (
+            ["--gin.no_such_function.x=1"],
+            "error: bad gin configuration: --gin.no_such_function.x: no configurable",
+        ),
         (
             ["--gin.MIXTURE_OR_TASK_NAME='dsbs_nope'"],
             "error: No Task or Mixture found with name 'dsbs_nope'.",

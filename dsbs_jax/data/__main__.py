@@ -27,9 +27,8 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _synthetic(args: argparse.Namespace) -> None:
-    from dsbs_jax.data import synthetic, vocab
+    from dsbs_jax.data import synthetic
 
-    out_dir = Path(args.out) / synthetic.DATASET_NAME
     config = synthetic.SyntheticConfig(
         num_train=args.num_train,
         num_valid=args.num_valid,
@@ -38,12 +37,9 @@ def _synthetic(args: argparse.Namespace) -> None:
         teacher_error_rate=args.teacher_error_rate,
         max_steps=args.max_steps,
     )
-    summaries = prepare.write_dataset(
-        out_dir, synthetic.DATASET_NAME, "accuracy", synthetic.generate(config)
-    )
-    model = vocab.train_vocab_for_cache(out_dir, vocab_size=args.vocab_size)
+    summaries, model = prepare.write_synthetic(args.out, config, args.vocab_size)
     print(prepare.format_summaries(synthetic.DATASET_NAME, summaries))
-    print(f"wrote {out_dir} (vocabulary {model})")
+    print(f"wrote {model.parent} (vocabulary {model})")
 
 
 def _vocab(args: argparse.Namespace) -> None:
@@ -85,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher-error-rate", type=float, default=0.05)
     p.add_argument("--max-steps", type=int, default=2, help="most reasoning steps a problem takes")
-    p.add_argument("--vocab-size", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=prepare.SYNTHETIC_VOCAB_SIZE)
     p.set_defaults(run=_synthetic)
 
     p = commands.add_parser("vocab", help="train a SentencePiece vocabulary on a cache")

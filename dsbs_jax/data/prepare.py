@@ -11,7 +11,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dsbs_jax import metrics
-from dsbs_jax.data import cache, official, splits
+from dsbs_jax.data import cache, official, splits, synthetic, vocab
+
+# The built-in dataset's vocabulary size (its words need about 145 pieces; see `vocab`).
+SYNTHETIC_VOCAB_SIZE = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +86,22 @@ def write_dataset(
     summaries = [summarise(split, records, metric) for split, records in ordered.items()]
     write_summary(out_dir, name, metric, summaries)
     return summaries
+
+
+def write_synthetic(
+    out: str | Path,
+    config: synthetic.SyntheticConfig | None = None,
+    vocab_size: int = SYNTHETIC_VOCAB_SIZE,
+) -> tuple[list[SplitSummary], Path]:
+    """Writes the built-in dataset to `<out>/synthetic/` and trains its vocabulary there.
+
+    Returns the splits' summaries and the vocabulary's path.
+    """
+    out_dir = Path(out) / synthetic.DATASET_NAME
+    summaries = write_dataset(
+        out_dir, synthetic.DATASET_NAME, "accuracy", synthetic.generate(config)
+    )
+    return summaries, vocab.train_vocab_for_cache(out_dir, vocab_size=vocab_size)
 
 
 def write_summary(

@@ -111,14 +111,20 @@ def _load_split(path: Path, mtime_ns: int) -> tuple[cache.TeacherRecord, ...]:
     return tuple(cache.read_records(path))
 
 
-def load_split(dataset_dir: Path, split: str) -> tuple[cache.TeacherRecord, ...]:
+def require_split_file(dataset_dir: Path, split: str) -> Path:
+    """The cache file of `split`; FileNotFoundError naming it and the command that writes it."""
     path = cache.split_path(dataset_dir, split)
     if not path.is_file():
         raise FileNotFoundError(
             f"no teacher cache for split '{split}' at {path}; create it with "
-            "`python -m dsbs_jax.data prepare ...` (or `... synthetic`), or point gin "
-            "`teacher_cache_root.path` / $DSBS_DATA_DIR at the right directory"
+            "`python -m dsbs_jax.data prepare ...` (or `... synthetic`), or point DATA_DIR "
+            "(gin) or $DSBS_DATA_DIR at the right directory"
         )
+    return path
+
+
+def load_split(dataset_dir: Path, split: str) -> tuple[cache.TeacherRecord, ...]:
+    path = require_split_file(dataset_dir, split)
     return _load_split(path, path.stat().st_mtime_ns)
 
 

@@ -9,6 +9,7 @@ used and reloads if the answer changed.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import gin
@@ -44,6 +45,12 @@ class GinSentencePieceVocabulary(seqio.SentencePieceVocabulary):
     def _follow_gin(self) -> None:
         path, extra_ids = vocabulary_file()
         if (path, extra_ids) != (self._sentencepiece_model_file, self._extra_ids):
+            if "://" not in path and not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"no SentencePiece vocabulary at {path}; write it with `python -m "
+                    "dsbs_jax.data vocab --cache <DATA_DIR>/<dataset>` (`python -m dsbs_jax.data "
+                    "synthetic --out <DATA_DIR>` for the built-in one) or set VOCABULARY_PATH"
+                )
             self._sentencepiece_model_file, self._extra_ids, self._model = path, extra_ids, None
 
     def _model_context(self) -> Any:
