@@ -17,7 +17,6 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import gin
 from gin import config as gin_config
@@ -169,17 +168,13 @@ def _check_binding_key(key: str) -> None:
         )
 
 
-def _macro_names(references: Any) -> set[str]:
-    return {
-        ref.scoped_selector.rsplit("/", 1)[0]
-        for ref in references
-        if ref.configurable.name == "macro"
-    }
-
-
 def check_macros_used(names: Iterable[str]) -> None:
     """Raises UnknownBindingError for a macro in `names` that nothing in the config reads."""
-    used = _macro_names(gin_config.iterate_references(gin_config._CONFIG))
+    used = {
+        ref.scoped_selector.rsplit("/", 1)[0]
+        for ref in gin_config.iterate_references(gin_config._CONFIG)
+        if ref.configurable.name == "macro"
+    }
     defined = [scope for scope, selector in gin_config._CONFIG if selector == "gin.macro"]
     for name in names:
         if name not in used:
