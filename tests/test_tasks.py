@@ -128,7 +128,9 @@ def test_training_fraction_applies_to_every_task_alike(gin_cache_root):
     quarter_gt, quarter_llm = inputs("dsbs_synthetic_label_gt"), inputs("dsbs_synthetic_label_llm")
     assert len(quarter_gt) == 30
     assert quarter_llm <= quarter_gt <= full_gt and quarter_llm <= full_llm
-    assert inputs("dsbs_synthetic_label_gt", "valid") == inputs("dsbs_synthetic_label_llm", "valid")
+    assert inputs("dsbs_synthetic_label_gt", "validation") == inputs(
+        "dsbs_synthetic_label_llm", "validation"
+    )
 
 
 def test_vocabulary_follows_gin(gin_cache_root, tmp_path):
@@ -183,7 +185,7 @@ TASK_NAMES = [
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)
-@pytest.mark.parametrize("split", ["train", "valid", "test"])
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
 def test_every_task_yields_each_split(gin_cache_root, task, split):
     examples = _examples(task, StepByStepFeatureConverter(pack=True), split=split)
     assert examples and set(examples[0]) == BASE_FEATURES | PACKING_FEATURES
