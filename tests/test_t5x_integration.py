@@ -50,6 +50,7 @@ TINY = dict(
     emb_dim=8, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, head_dim=3, mlp_dim=16
 )
 TRAIN_STEPS, EVAL_PERIOD = 6, 3
+RUN_FILES = sorted((REPO / "gin_configs" / "dsbs_t5x" / "runs").glob("*.gin"))
 
 
 def _t5x(program: str, run_gin: str, cache_root: Path, *bindings: str) -> None:
@@ -120,6 +121,7 @@ def t5x_run(builtin_cache_root, tmp_path_factory):
         "--gin.BATCH_SIZE=8",
         f"--gin.EVAL_PERIOD={EVAL_PERIOD}",
         "--gin.EVAL_STEPS=2",
+        f"--gin.utils.SaveCheckpointConfig.period={EVAL_PERIOD}",
         "--gin.utils.create_learning_rate_scheduler.base_learning_rate=0.05",
     )
     final = model_dir / f"checkpoint_{TRAIN_STEPS}"
@@ -238,3 +240,38 @@ def test_t5x_trains_exactly_our_step_by_step_loss(gin_cache_root):
     roles = batch["decoder_task_ids"]
     means = [float(np.asarray(token_loss)[roles == r].mean()) for r in (1, 2)]
     np.testing.assert_allclose(float(loss), alpha * means[0] + (1 - alpha) * means[1], rtol=1e-6)
+
+
+PARSE_RUN_FILES = """
+import os
+import sys
+import gin
+import t5x.train
+sys.modules["__main__"] = t5x.train  # finetune.gin configures `__main__.train`
+from t5x import gin_utils
+search_path, *run_files = sys.argv[1:]
+t5x_root = os.path.dirname(os.path.dirname(t5x.train.__file__))
+for run_file in run_files:
+    gin_utils.parse_gin_flags(
+        [t5x_root, search_path],
+        ["t5x/examples/t5/t5_1_1/base.gin", "t5x/configs/runs/finetune.gin", run_file],
+        [],
+        finalize_config=False,
+    )
+    print(run_file, gin.query_parameter("%MIXTURE_OR_TASK_NAME"))
+    gin.clear_config()
+"""
+
+
+def test_every_t5x_run_file_parses_after_t5x_finetune_gin():
+    run_files = sorted(p.relative_to(REPO / "gin_configs").as_posix() for p in RUN_FILES)
+    done = subprocess.run(
+        [sys.executable, "-c", PARSE_RUN_FILES, str(REPO / "gin_configs"), *run_files],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    parsed = dict(line.split() for line in done.stdout.splitlines())
+    assert parsed == {f: f"dsbs_{Path(f).stem.removesuffix('_asdiv')}" for f in run_files}
