@@ -178,11 +178,15 @@ def test_t5x_trains_our_mixture_and_the_loss_falls(t5x_run):
 
 def test_t5x_infer_eval_eval_and_infer_read_our_tasks(t5x_run):
     """finetune.gin's infer_eval and t5x.eval score the label task; t5x.infer decodes test."""
+    written = {}
     for out in (t5x_run["model_dir"], t5x_run["root"] / "eval"):
         metrics_file = out / "inference_eval" / f"{LABEL_TASK}-metrics.jsonl"
         records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-        assert records and all(0.0 <= r[f"{LABEL_TASK}/accuracy"] <= 100.0 for r in records)
-    (predictions,) = glob.glob(str(t5x_run["root"] / "infer" / f"{LABEL_TASK}-predict.jsonl-*of*"))
+        assert all(0.0 <= r["accuracy"] <= 100.0 for r in records)
+        written[out.name] = [r["step"] for r in records]
+    assert written == {"model": [EVAL_PERIOD, TRAIN_STEPS], "eval": [TRAIN_STEPS]}
+    shards = t5x_run["root"] / "infer" / f"{LABEL_TASK}-predict.jsonl-?????-of-?????"
+    (predictions,) = glob.glob(str(shards))
     lines = [json.loads(line) for line in Path(predictions).read_text().splitlines()]
     assert len(lines) == 24 and all("prediction" in line for line in lines)  # test.jsonl
 
