@@ -6,10 +6,10 @@ shared/T5X_REFERENCE.md, which are ours) and `state/step` plus, after training,
 `state/param_states/...` (the optimizer's). Ours keeps `params/...` in the same
 place, so a reader picks the tree by its top-level key.
 
-`write_t5x_checkpoint` writes `target` and `state/step` only: t5x's restore reads
-the keys a checkpoint has, and its Trainer starts the optimizer's state afresh for
-the rest (finetune.gin's defaults), as it does for any checkpoint from another
-optimizer.
+`write_t5x_checkpoint` writes `target` and `state/step` only, not the state of
+whichever optimizer the t5x run will use: t5x.eval and t5x.infer restore it as it
+is; finetune.gin restores strictly, so it needs
+gin_configs/dsbs_t5x/restore_without_optimizer_state.gin to start that state afresh.
 """
 
 from __future__ import annotations
