@@ -22,7 +22,6 @@ import numpy as np
 
 OURS_PARAMS = "params"
 T5X_PARAMS = "target"
-T5X_STEP = ("state", "step")
 # Item and step-directory names as t5x's OrbaxCheckpointManagerInterface writes them.
 STATE_ITEM = "state"
 STEP_PREFIX = "checkpoint"
