@@ -41,6 +41,7 @@ import tensorstore as ts
 from etils import epath
 from flax import serialization, traverse_util
 
+from dsbs_jax import t5x_checkpoints
 from dsbs_jax.models.t5 import T5, T5Config
 
 if TYPE_CHECKING:
@@ -574,20 +575,23 @@ def _absolute_spec(spec: Mapping[str, Any], root: str) -> dict[str, Any]:
 
 
 def _orbax_shapes(root: epath.Path) -> dict[str, tuple[int, ...]]:
-    """Shapes of `state/params` in one of our checkpoints, from orbax's metadata."""
+    """Shapes of `state/params` (ours) or `state/target` (t5x's orbax), from orbax's metadata."""
     import orbax.checkpoint as ocp
 
     metadata = ocp.PyTreeCheckpointer().metadata(root / OURS_STATE).item_metadata.tree
-    if "params" not in metadata:
-        raise CheckpointImportError(f"{root / OURS_STATE} holds no 'params'")
-    flat = traverse_util.flatten_dict(metadata["params"], sep="/")
+    key = t5x_checkpoints.params_key(metadata)
+    if key is None:
+        raise CheckpointImportError(
+            f"{root / OURS_STATE} holds no 'params' (ours) nor 'target' (t5x's)"
+        )
+    flat = traverse_util.flatten_dict(metadata[key], sep="/")
     return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
 
 def _restore_orbax(
     root: epath.Path, expected: Mapping[str, tuple[int, ...]], shardings: Any, dtype: Any
 ) -> dict[str, Any]:
-    """Restores only `params` (not step nor optimizer state), each device its slice."""
+    """Restores only the parameters (not step nor optimizer state), each device its slice."""
     import orbax.checkpoint as ocp
 
     placement = traverse_util.flatten_dict(shardings, sep="/")
@@ -595,8 +599,10 @@ def _restore_orbax(
         {p: jax.ShapeDtypeStruct(expected[p], dtype, sharding=s) for p, s in placement.items()},
         sep="/",
     )
-    item = {"params": abstract}
-    restored = ocp.PyTreeCheckpointer().restore(
+    checkpointer = ocp.PyTreeCheckpointer()
+    key = t5x_checkpoints.params_key(checkpointer.metadata(root / OURS_STATE).item_metadata.tree)
+    item = {key: abstract}
+    restored = checkpointer.restore(
         root / OURS_STATE,
         args=ocp.args.PyTreeRestore(
             item=item,
@@ -604,7 +610,7 @@ def _restore_orbax(
             partial_restore=True,
         ),
     )
-    return restored["params"]
+    return restored[key]
 
 
 # ---------------------------------------------------------------------------------------------

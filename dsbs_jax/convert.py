@@ -1,12 +1,18 @@
 """Converts pretrained T5 weights between Hugging Face, t5x and our own checkpoints.
 
-    python -m dsbs_jax.convert --from PATH --to OUT_DIR --format {ours,hf}
+    python -m dsbs_jax.convert --from PATH --to OUT_DIR --format {ours,hf,t5x}
 
 `--format ours` reads a Hugging Face T5 directory, a t5x checkpoint or one of ours and writes
 OUT_DIR as a MODEL_DIR with one checkpoint, `OUT_DIR/checkpoint_0/`, whose `state` item holds
 `{"params": ...}` only (no step, no optimizer state: a starting point, not a run to resume).
 `--format hf` writes `config.json` + `model.safetensors` that
-`transformers.T5ForConditionalGeneration.from_pretrained(OUT_DIR)` loads.
+`transformers.T5ForConditionalGeneration.from_pretrained(OUT_DIR)` loads. `--format t5x` writes
+OUT_DIR as a t5x MODEL_DIR, `OUT_DIR/checkpoint_0/state/` in t5x's orbax layout (parameters and
+step, no optimizer state), which t5x's finetune.gin restores as INITIAL_CHECKPOINT_PATH and
+t5x.eval as CHECKPOINT_PATH (see docs/t5x.md).
+
+A t5x checkpoint read here is either format t5x writes: orbax (`checkpoint_<step>/state/`,
+current t5x) or legacy msgpack + TensorStore (the public gs://t5-data checkpoints).
 
 Model sizes come from the Hugging Face `config.json`; for t5x and our checkpoints from
 `--preset` (with `--vocab_size`), or else they are inferred from the parameter shapes. Parameters
@@ -22,7 +28,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from dsbs_jax import checkpoint_import
+from dsbs_jax import checkpoint_import, t5x_checkpoints
 from dsbs_jax.checkpoints import Checkpointer
 from dsbs_jax.models.t5 import PRESETS, T5Config, get_config
 from dsbs_jax.partitioning import Partitioner
@@ -38,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--from", dest="source", required=True, help="checkpoint to read")
     parser.add_argument("--to", dest="out_dir", required=True, help="new or empty directory")
-    parser.add_argument("--format", required=True, choices=["ours", "hf"], help="what to write")
+    parser.add_argument(
+        "--format", required=True, choices=["ours", "hf", "t5x"], help="what to write"
+    )
     parser.add_argument("--preset", choices=_PRESETS, help="T5 1.1 size of a t5x or our checkpoint")
     parser.add_argument("--vocab_size", type=int, help="vocabulary size with --preset")
     return parser
@@ -64,6 +72,8 @@ def convert(source: str, out_dir: str, fmt: str, config: T5Config) -> Path:
     params = checkpoint_import.load_params(source, config, shardings)
     if fmt == "hf":
         return checkpoint_import.export_hf(params, config, out_dir)
+    if fmt == "t5x":
+        return t5x_checkpoints.write_t5x_checkpoint(params, out_dir)
     with Checkpointer(out_dir, keep_best=False) as checkpointer:
         checkpointer.save(0, {"params": params}, data={}, force=True)
     return Path(out_dir) / "checkpoint_0"

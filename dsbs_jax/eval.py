@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: `python -m dsbs_jax.eval --gin_file=runs/demo.gin`.
 
 Uses the run's gin file (or MODEL_DIR/config.gin) and its best checkpoint; choose
-the split with `--gin.evaluate.split=\\"valid\\"` (default test) and another checkpoint
+the split with `--gin.evaluate.split=\\"validation\\"` (default test) and another checkpoint
 with `--gin.evaluate.checkpoint=\\"latest\\"` or a step number.
 """
 

@@ -88,7 +88,7 @@ def _task_vocabulary(mixture_or_task_name: str) -> seqio.Vocabulary:
 
 
 def _primary_metric(mixture_or_task_name: str, split: str) -> str | None:
-    """The metric that picks the best checkpoint, e.g. 'valid/dsbs_cqa_label_llm/accuracy'."""
+    """The metric that picks the best checkpoint, e.g. 'validation/dsbs_cqa_label_llm/accuracy'."""
     tasks = evaluation.metric_tasks(mixture_or_task_name)
     if not tasks:
         return None
@@ -159,7 +159,7 @@ def train(
     num_microbatches: int = 1,
     pack: bool = True,
     eval_period: int = 1000,
-    eval_split: str = "valid",
+    eval_split: str = "validation",
     test_split: str | None = "test",
     eval_batch_size: int = 64,
     max_decode_length: int | None = None,

@@ -1,17 +1,9 @@
-"""SeqIO registrations of distilling step-by-step for the built-in datasets.
+"""`import tasks` registers the built-in datasets' SeqIO tasks and mixtures.
 
-`import tasks` registers, for each dataset below, the tasks and mixtures listed
-in `dsbs_jax.data.registration` (e.g. `dsbs_cqa_step_by_step`). Registering needs
-no data; a dataset's cache is read from `<teacher_cache_root>/<name>/` when a
-dataset is built. Register your own cache with `register_dataset("mydata")`.
+The registrations live in `dsbs_jax.tasks` (see there), the path to use where a
+top-level `tasks` may collide (t5x ships its own `t5x/tasks.py`).
 """
 
-from dsbs_jax.data.official import DATASETS
-from dsbs_jax.data.registration import register_dataset
-from dsbs_jax.data.synthetic import DATASET_NAME as SYNTHETIC
-
-for _name, _dataset in DATASETS.items():
-    register_dataset(_name, metric=_dataset.metric)
-register_dataset(SYNTHETIC, metric="accuracy")
+from dsbs_jax.tasks import register_dataset
 
 __all__ = ["register_dataset"]

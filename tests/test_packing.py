@@ -98,7 +98,7 @@ def test_converter_packs_the_paired_mixture_without_losing_a_token(gin_cache_roo
     lengths = {"inputs": 96, "targets": 96}
 
     def rows(converter):
-        ds = seqio.get_dataset(name, lengths, converter, dataset_split="valid", shuffle=False)
+        ds = seqio.get_dataset(name, lengths, converter, dataset_split="validation", shuffle=False)
         return list(ds.as_numpy_iterator())
 
     packed = rows(StepByStepFeatureConverter(pack=True, loss_weights={1: 0.3, 2: 0.7}))

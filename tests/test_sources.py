@@ -149,7 +149,7 @@ def test_every_rationale_becomes_its_own_pair(configure):
     # The baselines' label tasks stay one example per input, and evaluation is untouched.
     assert _ids(DISTILL) == ["a", "b", "c", "e"]
     assert _ids(FINETUNE) == ["a", "b", "d", "e"]
-    assert _source_examples(DISTILL, "valid") == [
+    assert _source_examples(DISTILL, "validation") == [
         {"id": "v", "label": "4", "teacher_label": "4", "rationale": "v zero"}
     ]
 

@@ -128,7 +128,9 @@ def test_training_fraction_applies_to_every_task_alike(gin_cache_root):
     quarter_gt, quarter_llm = inputs("dsbs_synthetic_label_gt"), inputs("dsbs_synthetic_label_llm")
     assert len(quarter_gt) == 30
     assert quarter_llm <= quarter_gt <= full_gt and quarter_llm <= full_llm
-    assert inputs("dsbs_synthetic_label_gt", "valid") == inputs("dsbs_synthetic_label_llm", "valid")
+    assert inputs("dsbs_synthetic_label_gt", "validation") == inputs(
+        "dsbs_synthetic_label_llm", "validation"
+    )
 
 
 def test_vocabulary_follows_gin(gin_cache_root, tmp_path):
@@ -183,7 +185,7 @@ TASK_NAMES = [
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)
-@pytest.mark.parametrize("split", ["train", "valid", "test"])
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
 def test_every_task_yields_each_split(gin_cache_root, task, split):
     examples = _examples(task, StepByStepFeatureConverter(pack=True), split=split)
     assert examples and set(examples[0]) == BASE_FEATURES | PACKING_FEATURES
@@ -195,18 +197,20 @@ def test_tfds_build_reads_like_the_jsonl_cache(gin_cache_root, tmp_path):
     tfds_cache.build_tfds(gin_cache_root / "synthetic", "synthetic", tmp_path, num_shards=2)
     converter = StepByStepFeatureConverter(pack=False)
 
-    def read(task, shard=None):
+    def read(task, shard=None, split="train"):
         ds = seqio.get_mixture_or_task(task).get_dataset(
-            LENGTHS, split="train", shuffle=False, shard_info=shard
+            LENGTHS, split=split, shuffle=False, shard_info=shard
         )
         return sorted(_decode(ex["inputs"]) for ex in ds.as_numpy_iterator())
 
     with gin.unlock_config():
         gin.bind_parameter("training_subset.fraction", 0.5)
     from_jsonl = read("dsbs_synthetic_label_llm")
+    validation = read("dsbs_synthetic_label_llm", split="validation")  # valid.jsonl
     with gin.unlock_config():
         gin.bind_parameter("teacher_cache_tfds_dir.path", str(tmp_path))
     assert read("dsbs_synthetic_label_llm") == from_jsonl
+    assert read("dsbs_synthetic_label_llm", split="validation") == validation and validation
     hosts = [read("dsbs_synthetic_label_llm", seqio.ShardInfo(i, 2)) for i in range(2)]
     assert set(hosts[0]).isdisjoint(hosts[1]) and sorted(hosts[0] + hosts[1]) == from_jsonl
     assert _examples("dsbs_synthetic_step_by_step", converter)

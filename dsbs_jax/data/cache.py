@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 SPLITS = ("train", "valid", "test")
+# SeqIO and TFDS split names (what t5x's run files ask for) -> the cache file holding each.
+TASK_SPLITS = {"train": "train", "validation": "valid", "test": "test"}
 REQUIRED_FIELDS = ("id", "input", "label", "teacher_label", "rationales", "teacher", "parse_ok")
 
 
@@ -77,8 +79,14 @@ class TeacherRecord:
         )
 
 
+def file_split(split: str) -> str:
+    """The cache file split of a SeqIO split name: 'validation' is kept in valid.jsonl."""
+    return TASK_SPLITS.get(split, split)
+
+
 def split_path(cache_dir: str | os.PathLike, split: str) -> Path:
-    return Path(cache_dir) / f"{split}.jsonl"
+    """`<cache_dir>/<split>.jsonl`; takes the file's split name or its SeqIO name."""
+    return Path(cache_dir) / f"{file_split(split)}.jsonl"
 
 
 def iter_json_lines(

@@ -17,7 +17,7 @@ import seqio
 import tensorflow as tf
 
 from dsbs_jax.data import packing
-from dsbs_jax.data.preprocessors import TaskRole
+from dsbs_jax.data.preprocessors import TASK_ROLE, TaskRole
 
 ROLE_TOKENS = "targets_task_role"
 
@@ -84,8 +84,8 @@ class StepByStepFeatureConverter(seqio.EncDecFeatureConverter):
         self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
     ) -> tf.data.Dataset:
         def spread_role(ex: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-            role = ex.get("task_role", tf.constant(int(TaskRole.LABEL), tf.int32))
-            kept = {k: v for k, v in ex.items() if k != "task_role"}
+            role = ex.get(TASK_ROLE, tf.constant(int(TaskRole.LABEL), tf.int32))
+            kept = {k: v for k, v in ex.items() if k != TASK_ROLE}
             return {**kept, ROLE_TOKENS: tf.fill(tf.shape(ex["targets"]), role)}
 
         lengths = {**task_feature_lengths, ROLE_TOKENS: task_feature_lengths["targets"]}

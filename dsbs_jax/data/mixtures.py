@@ -6,8 +6,14 @@ loss can be `alpha * L_label + (1 - alpha) * L_rationale` per batch. SeqIO's
 Mixture samples tasks independently and shuffles each on its own, which would
 break the pairs, so `PairedMixture` zips its tasks before shuffling.
 
-Rate-based: an ordinary seqio.Mixture whose rates are alpha and 1 - alpha, read
-from gin when the dataset is built.
+Rate-based: a mixture whose rates are alpha and 1 - alpha, read from gin when
+the dataset is built.
+
+Every example keeps its `task_role` (see `dsbs_jax.data.preprocessors`) through
+the mixture. It is not an output feature, so that `seqio.Evaluator`, which
+measures the length of every output feature, sees only `inputs` and `targets`;
+seqio's Mixture keeps only output and pass-through features, so `RoleMixture`
+passes it through.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import gin
 import seqio
 import tensorflow as tf
 
-from dsbs_jax.data.preprocessors import TaskRole
+from dsbs_jax.data.preprocessors import TASK_ROLE, TaskRole
 
 PAIR_SHUFFLE_BUFFER = 10_000
 
@@ -32,7 +38,20 @@ def step_by_step_rate(task: seqio.Task, role: TaskRole, alpha: float = 0.5) -> f
     return alpha if role is TaskRole.LABEL else 1.0 - alpha
 
 
-class PairedMixture(seqio.Mixture):
+def _with_task_role(passthrough_features: Sequence[str] | None) -> list[str]:
+    return sorted(set(passthrough_features or ()) | {TASK_ROLE})
+
+
+class RoleMixture(seqio.Mixture):
+    """A seqio.Mixture whose examples keep their `task_role`."""
+
+    def get_dataset(self, *args, passthrough_features: Sequence[str] | None = None, **kwargs):
+        return super().get_dataset(
+            *args, passthrough_features=_with_task_role(passthrough_features), **kwargs
+        )
+
+
+class PairedMixture(RoleMixture):
     """Interleaves its tasks example by example: task 0's i-th example, task 1's i-th, ...
 
     The tasks must be built from one source with one-to-one preprocessing, so
@@ -64,7 +83,7 @@ class PairedMixture(seqio.Mixture):
     ) -> tf.data.Dataset:
         del compute_stats_empirically, log_mixing_proportions
         self._check_compatible_features()
-        keys = set(self.output_features) | {"id"} | set(passthrough_features or ())
+        keys = set(self.output_features) | {"id"} | set(_with_task_role(passthrough_features))
         if copy_pretokenized:
             keys |= {f"{k}_pretokenized" for k in self.output_features}
         per_task = [

@@ -2,14 +2,14 @@
 
 Every task example carries a `task_role` (label or rationale): the feature
 converter turns it into per-token loss weights and task ids, so the loss can
-weight and report the label and rationale parts separately.
+weight and report the label and rationale parts separately. The tasks' output
+features are only `inputs` and `targets`, as t5x and seqio.Evaluator expect.
 """
 
 from __future__ import annotations
 
 import enum
 
-import seqio
 import tensorflow as tf
 
 PREDICT_PREFIX = "predict: "
@@ -42,13 +42,8 @@ class TaskKind(enum.Enum):
         return EXPLAIN_PREFIX if self is TaskKind.RATIONALE else PREDICT_PREFIX
 
 
-TASK_ROLE_FEATURE = seqio.Feature(
-    vocabulary=seqio.PassThroughVocabulary(size=len(TaskRole) + 1),
-    add_eos=False,
-    required=False,
-    dtype=tf.int32,
-    rank=0,
-)
+# The example key holding the TaskRole: an int32 scalar, not an output feature (see mixtures).
+TASK_ROLE = "task_role"
 
 
 def _targets(kind: TaskKind, ex: dict[str, tf.Tensor]) -> tf.Tensor:
@@ -69,7 +64,7 @@ def format_task(dataset: tf.data.Dataset, kind: TaskKind) -> tf.data.Dataset:
             "id": ex["id"],
             "inputs": tf.strings.join([kind.prefix, ex["input"]]),
             "targets": _targets(kind, ex),
-            "task_role": tf.constant(int(kind.role), tf.int32),
+            TASK_ROLE: tf.constant(int(kind.role), tf.int32),
         }
 
     return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)

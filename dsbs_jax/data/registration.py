@@ -26,7 +26,7 @@ each label task paired with one, or the pairs would fall out of step. The
 baselines' label tasks (finetune's label_gt, distill's label_llm_per_input) give
 one per input, as training on labels alone should: k copies of one label would
 only reweight the inputs. label_llm itself is the per-rationale one, so the
-step_by_step mixtures keep their task and metric names. On valid and test every
+step_by_step mixtures keep their task and metric names. On validation and test every
 task gives one per input.
 """
 
@@ -39,9 +39,8 @@ import seqio
 
 from dsbs_jax import metrics
 from dsbs_jax.data import cache
-from dsbs_jax.data.mixtures import PairedMixture, step_by_step_rate
+from dsbs_jax.data.mixtures import PairedMixture, RoleMixture, step_by_step_rate
 from dsbs_jax.data.preprocessors import (
-    TASK_ROLE_FEATURE,
     TaskKind,
     TaskRole,
     format_task,
@@ -63,7 +62,6 @@ def output_features(vocabulary: seqio.Vocabulary = VOCABULARY) -> dict[str, seqi
     return {
         "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True),
         "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
-        "task_role": TASK_ROLE_FEATURE,
     }
 
 
@@ -112,7 +110,7 @@ def _add_task(
 
 
 def register_dataset(
-    dataset: str, metric: str = "accuracy", splits: Sequence[str] = cache.SPLITS
+    dataset: str, metric: str = "accuracy", splits: Sequence[str] = tuple(cache.TASK_SPLITS)
 ) -> None:
     """Registers every task and mixture of `dataset`; safe to call again (replaces them)."""
     if metric not in METRICS:
@@ -149,7 +147,7 @@ def register_dataset(
         "single_task": task_name(dataset, TaskKind.RATIONALE_THEN_LABEL),
     }
     for method, task in single.items():
-        _replace_mixture(seqio.Mixture(mixture_name(dataset, method), [(task, 1.0)]))
+        _replace_mixture(RoleMixture(mixture_name(dataset, method), [(task, 1.0)]))
     _replace_mixture(PairedMixture(mixture_name(dataset, "step_by_step"), [label_llm, rationale]))
     _replace_mixture(
         PairedMixture(
@@ -164,7 +162,7 @@ def register_dataset(
         (label_llm, functools.partial(step_by_step_rate, role=TaskRole.LABEL)),
         (rationale, functools.partial(step_by_step_rate, role=TaskRole.RATIONALE)),
     ]
-    _replace_mixture(seqio.Mixture(mixture_name(dataset, "step_by_step_rates"), rates))
+    _replace_mixture(RoleMixture(mixture_name(dataset, "step_by_step_rates"), rates))
 
 
 def _replace_mixture(mixture: seqio.Mixture) -> None:

@@ -257,7 +257,8 @@ def _evaluation_examples(ds: tf.data.Dataset) -> tf.data.Dataset:
 class TeacherCacheSource(seqio.DataSource):
     """Reads one dataset's teacher cache, keeping the records of one audience.
 
-    From `<teacher_cache_root>/<dataset>/<split>.jsonl`, or from the TFDS build
+    From `<teacher_cache_root>/<dataset>/<split>.jsonl` (SeqIO's split 'validation' reads
+    valid.jsonl), or from the TFDS build
     `teacher_cache/<dataset>` when gin sets `teacher_cache_tfds_dir.path`. Yields
     int64 `index` (position in its split file), string id, input, label,
     teacher_label, rationale and bool parse_ok.
@@ -265,7 +266,7 @@ class TeacherCacheSource(seqio.DataSource):
     On train, a `per_rationale` source yields one example per teacher sample kept
     by `rationale_selection` (id `<id>#r<i>`); a (label, rationale) pair of tasks
     must both be `per_rationale` so that `PairedMixture` zips them in step. Other
-    sources, and every source on valid and test, yield one example per input with
+    sources, and every source on validation and test, yield one example per input with
     the first rationale. Sources for the TEACHER audience also read the train
     records of `unlabeled_augmentation`'s datasets. `metric_fn` (the task's metric)
     decides whether a teacher label is right for `rationale_selection`.
@@ -275,7 +276,7 @@ class TeacherCacheSource(seqio.DataSource):
         self,
         dataset: str,
         audience: str,
-        splits: Sequence[str] = cache.SPLITS,
+        splits: Sequence[str] = tuple(cache.TASK_SPLITS),
         *,
         per_rationale: bool = False,
         metric_fn: Callable[..., Mapping[str, float]] = metrics.accuracy,
@@ -307,7 +308,7 @@ class TeacherCacheSource(seqio.DataSource):
     def list_shards(self, split: str) -> Sequence[str]:
         tfds_source = self._tfds_source(self._dataset)
         if tfds_source is not None:
-            return tfds_source.list_shards(split)
+            return tfds_source.list_shards(cache.file_split(split))
         return [str(cache.split_path(self.dataset_dir, split))]
 
     def _records(
@@ -321,6 +322,7 @@ class TeacherCacheSource(seqio.DataSource):
         """One dataset's records of `split` (this host's shard) and the split's size."""
         tfds_source = self._tfds_source(dataset)
         if tfds_source is not None:
+            split = cache.file_split(split)
             ds = tfds_source.get_dataset(split, shuffle=shuffle, seed=seed, shard_info=shard_info)
             return ds.map(_record_layout), tfds_source.num_input_examples(split)
         records = load_split(teacher_cache_root() / dataset, split)

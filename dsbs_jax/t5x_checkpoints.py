@@ -1,0 +1,54 @@
+"""t5x's own checkpoint layout (orbax), read and written without t5x installed.
+
+Current t5x writes `MODEL_DIR/checkpoint_<step>/state/`, an orbax PyTree of its
+TrainState's state dict: `target/...` (the parameters, with the names of
+shared/T5X_REFERENCE.md, which are ours) and `state/step` plus, after training,
+`state/param_states/...` (the optimizer's). Ours keeps `params/...` in the same
+place, so a reader picks the tree by its top-level key.
+
+`write_t5x_checkpoint` writes `target` and `state/step` only, not the state of
+whichever optimizer the t5x run will use: t5x.eval and t5x.infer restore it as it
+is; finetune.gin restores strictly, so it needs
+gin_configs/dsbs_t5x/restore_without_optimizer_state.gin to start that state afresh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OURS_PARAMS = "params"
+T5X_PARAMS = "target"
+# Item and step-directory names as t5x's OrbaxCheckpointManagerInterface writes them.
+STATE_ITEM = "state"
+STEP_PREFIX = "checkpoint"
+
+
+def params_key(tree: Mapping[str, Any]) -> str | None:
+    """'params' (ours) or 'target' (t5x): where the parameters sit in a checkpoint's tree."""
+    for key in (OURS_PARAMS, T5X_PARAMS):
+        if key in tree:
+            return key
+    return None
+
+
+def t5x_state(params: Any, step: int = 0) -> dict[str, Any]:
+    """The state dict t5x saves, less optimizer state: {'target': params, 'state': {'step'}}."""
+    return {T5X_PARAMS: params, "state": {"step": np.asarray(step, np.int32)}}
+
+
+def write_t5x_checkpoint(params: Any, model_dir: str | Path, step: int = 0) -> Path:
+    """Writes `MODEL_DIR/checkpoint_<step>/state/` as t5x writes it; returns the step dir."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(step_prefix=STEP_PREFIX, create=True)
+    with ocp.CheckpointManager(
+        Path(model_dir).absolute(), options=options, item_names=(STATE_ITEM,)
+    ) as manager:
+        state = t5x_state(params, step)
+        manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeSave(state)}))
+        manager.wait_until_finished()
+    return Path(model_dir) / f"{STEP_PREFIX}_{step}"
