@@ -54,13 +54,23 @@ def _candidates(count: int, seed: int = 1) -> list[list[list[int]]]:
     ]
 
 
-def _plain_log_likelihood(model, params, inputs, candidate) -> tuple[float, int]:
-    """One candidate's summed log-likelihood by the plain teacher-forced model call."""
-    enc = jnp.asarray([inputs], jnp.int32)
-    tgt = jnp.asarray([candidate], jnp.int32)
+@jax.jit
+def _plain_log_probs(params, enc, tgt):
+    model = T5(get_config("tiny", vocab_size=VOCAB, num_heads=4, head_dim=8, dtype=jnp.float32))
     dec = jnp.pad(tgt, ((0, 0), (1, 0)))[:, :-1]
     logits = model.apply({"params": params}, enc, dec, tgt, enable_dropout=False)
-    log_probs = jax.nn.log_softmax(logits[0], axis=-1)
+    return jax.nn.log_softmax(logits[0], axis=-1)
+
+
+def _plain_log_likelihood(model, params, inputs, candidate) -> tuple[float, int]:
+    """One candidate's summed log-likelihood by the plain teacher-forced model call (inputs
+    and targets 0-padded to fixed lengths, which the model masks, so it compiles once)."""
+    del model  # the same tiny model, rebuilt inside the jitted function
+    enc = np.zeros((1, 48), np.int32)
+    enc[0, : len(inputs)] = inputs
+    tgt = np.zeros((1, 8), np.int32)
+    tgt[0, : len(candidate)] = candidate
+    log_probs = np.asarray(_plain_log_probs(params, enc, tgt))
     return float(sum(log_probs[i, t] for i, t in enumerate(candidate))), len(candidate)
 
 
