@@ -81,7 +81,7 @@ def teacher_forced(
     return {k: float(v) for k, v in losses.summarise_loss_sums(totals).items()}
 
 
-def _decode_text(vocabulary: seqio.Vocabulary, tokens: np.ndarray, eos_id: int) -> str:
+def decode_text(vocabulary: seqio.Vocabulary, tokens: np.ndarray, eos_id: int) -> str:
     ids = tokens.tolist()
     if eos_id in ids:
         ids = ids[: ids.index(eos_id)]
@@ -200,7 +200,7 @@ def decode_batches(
                 decoded = decoding.greedy_decode(model, params, local, max_decode_length, eos_id)
             decoded = multihost_utils.process_allgather(decoded, tiled=True)
             for position, row in zip(positions, decoded, strict=False):
-                texts[position] = _decode_text(vocabulary, row, eos_id)
+                texts[position] = decode_text(vocabulary, row, eos_id)
             bar.update(len(positions))
     return texts
 

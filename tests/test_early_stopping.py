@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
-from dsbs_jax.data import cache
-from dsbs_jax.data.synthetic import DATASET_NAME
 from dsbs_jax.early_stopping import EarlyStopping, early_stopping
 from dsbs_jax.train import main
 
@@ -37,30 +32,17 @@ def test_tolerances_and_min_mode():
         early_stopping("valid/x", patience=0)
 
 
-def _cache_with_choices(source: Path, root: Path) -> Path:
-    """The built-in cache, its valid and test records listing five numbers around the label."""
-    shutil.copytree(source / DATASET_NAME, root / DATASET_NAME)
-    for split in ("valid", "test"):
-        path = cache.split_path(root / DATASET_NAME, split)
-        records = cache.read_records(path)
-        with_choices = [
-            dataclasses.replace(r, choices=tuple(str(int(r.label) + d) for d in (-2, -1, 0, 1, 2)))
-            for r in records
-        ]
-        cache.write_records(path, with_choices)
-    return root
-
-
-def test_run_stops_early_and_reports_both_label_modes(gin_cache_root, tmp_path, capsys):
+def test_run_stops_early_and_reports_both_label_modes(
+    gin_cache_root, choices_cache_root, tmp_path, capsys
+):
     """A learning rate of 0 keeps the validation accuracy flat: with eval every 5 steps and a
     patience of 2, training stops at step 10 of 40, and tests the best (first) checkpoint in
     generate and score modes."""
-    root = _cache_with_choices(gin_cache_root, tmp_path / "caches")
     model_dir = tmp_path / "run"
     flags = [
         "--gin_file=runs/base.gin",
         "--gin_file=models/tiny.gin",
-        f"--gin.DATA_DIR='{root}'",
+        f"--gin.DATA_DIR='{choices_cache_root}'",
         f"--gin.MODEL_DIR='{model_dir}'",
         "--gin.MIXTURE_OR_TASK_NAME='dsbs_synthetic_step_by_step'",
         "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}",

@@ -153,7 +153,7 @@ def test_length_sorted_generation_gives_todays_labels(tiny):
     vocabulary = _IdVocabulary()
     vocabulary.eos_id = eos_id
     todays = [
-        evaluation._decode_text(vocabulary, row, eos_id)
+        evaluation.decode_text(vocabulary, row, eos_id)
         for row in np.asarray(decoding.greedy_decode(model, params, full, steps, eos_id))
     ]
     assert any(len(t.split()) < steps for t in todays)
