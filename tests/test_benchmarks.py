@@ -40,11 +40,12 @@ def test_train_throughput(common_args, tmp_path: Path):
             "--rows=8",  # divisible by the test session's 8 host devices
             "--inputs-length=64",
             "--targets-length=64",
+            "--count-flops",
             f"--json={out}",
         ]
     )
     payload = json.loads(out.read_text())
-    figures = ("examples_per_s", "tokens_per_s", "step_time_median_s", "peak_rss_mib")
+    figures = ("examples_per_s", "tokens_per_s", "step_time_median_s", "peak_rss_mib", "gflops")
     for side in ("ours", "baseline"):
         _positive(payload["results"][side], (*figures, "real_token_fraction"))
     _positive(payload["results"]["ours"], ("compile_s",))
