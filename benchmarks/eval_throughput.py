@@ -108,9 +108,10 @@ def ensure_student(args: argparse.Namespace, dataset: str) -> Path:
         state = trainer.init_state(params, optimizer)
         step = jax.jit(trainer.make_train_step(model, optimizer), donate_argnums=(0,))
         rng = jax.random.key(args.seed)
-        for _ in tqdm(range(args.train_steps), desc="train the student", unit="step"):
-            state, metrics = step(state, partitioner.shard_batch(next(batches)), rng)
-    print(f"student trained {args.train_steps} steps, last loss {float(metrics['loss']):.3f}")
+        with tqdm(range(args.train_steps), desc="train the student", unit="step") as bar:
+            for _ in bar:
+                state, metrics = step(state, partitioner.shard_batch(next(batches)), rng)
+                bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
     with Checkpointer(out / "ours", keep_best=False) as checkpointer:
         checkpointer.save(0, {"params": state.params}, data={}, force=True)
     checkpoint_import.export_hf(state.params, config, str(out / "hf"))
