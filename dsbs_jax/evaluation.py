@@ -218,6 +218,8 @@ def score_batches(
     """Index of the likeliest candidate of each input (`candidates[i]`: token ids, EOS
     included), in order. Every batch has as many candidate slots as the widest input and
     candidates are padded to the longest, so one program is compiled per input length."""
+    if not inputs:
+        return []
     width = max(len(c) for c in candidates)
     length = max(len(ids) for c in candidates for ids in c)
     best = [0] * len(inputs)

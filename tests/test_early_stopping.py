@@ -7,6 +7,7 @@ import json
 import pytest
 
 from dsbs_jax.early_stopping import EarlyStopping, early_stopping
+from dsbs_jax.infer import main as infer_main
 from dsbs_jax.train import main
 
 
@@ -66,3 +67,17 @@ def test_run_stops_early_and_reports_both_label_modes(
     assert results[f"{task}/score/accuracy"] > 0.0
     assert main(flags) == 0  # resumed, it stays stopped
     assert "stopped early at step 10" in capsys.readouterr().err
+
+    inputs, out = tmp_path / "inputs.jsonl", tmp_path / "predictions.jsonl"
+    inputs.write_text(
+        '{"id": "q1", "input": "Sam has 2 pens. He buys 3 more pens.", "choices": ["5", "6"]}\n'
+    )
+    infer_flags = [
+        *flags[:-1],
+        "--gin.label_evaluation.modes=['score']",
+        f"--gin.infer.input_file='{inputs}'",
+        f"--gin.infer.output_file='{out}'",
+    ]
+    assert infer_main(infer_flags) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["id"] == "q1" and row["label"] in ("5", "6") and set(row) == {"id", "input", "label"}
