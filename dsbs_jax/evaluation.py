@@ -216,28 +216,23 @@ def score_batches(
     length_normalized: bool = False,
 ) -> list[int]:
     """Index of the likeliest candidate of each input (`candidates[i]`: token ids, EOS
-    included), in order. Every batch has as many candidate slots as the widest input and
-    candidates are padded to the longest, so one program is compiled per input length."""
+    included), in order. Every batch has as many candidate slots as the widest input and a
+    decoder row long enough for any input's packed candidates, so one program is compiled
+    per input length."""
     if not inputs:
         return []
     width = max(len(c) for c in candidates)
-    length = max(len(ids) for c in candidates for ids in c)
+    length = scoring.packed_length(candidates)
     best = [0] * len(inputs)
     with _progress(len(inputs), "score") as bar:
         for positions, tokens in length_sorted_batches(inputs, inputs_length, batch_size):
-            candidate_tokens = np.zeros((batch_size, width, length), np.int32)
-            for row, i in enumerate(positions):
-                for slot, ids in enumerate(candidates[i]):
-                    candidate_tokens[row, slot, : len(ids)] = ids
-            batch = {"encoder_input_tokens": tokens, "candidate_tokens": candidate_tokens}
+            packed = scoring.pack_candidates([candidates[i] for i in positions], batch_size, length)
+            batch = {"encoder_input_tokens": tokens, **packed}
             local = partitioner.shard_batch(partitioner.host_slice(batch))
+            encoder_input_tokens = local.pop("encoder_input_tokens")
             with partitioner.activation_rules():
                 scores = scoring.candidate_log_likelihoods(
-                    model,
-                    params,
-                    local["encoder_input_tokens"],
-                    local["candidate_tokens"],
-                    length_normalized,
+                    model, params, encoder_input_tokens, local, width, length_normalized
                 )
             scores = multihost_utils.process_allgather(scores, tiled=True)
             for position, row in zip(positions, np.argmax(scores, axis=-1), strict=False):

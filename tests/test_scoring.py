@@ -99,19 +99,17 @@ def test_cache_choices_round_trip_and_are_left_out_when_empty(tmp_path):
 
 
 @pytest.mark.parametrize("length_normalized", [False, True])
-def test_batched_scores_equal_a_loop_over_candidates(tiny, length_normalized):
+def test_packed_scores_equal_a_loop_over_candidates(tiny, length_normalized):
+    """All of an input's candidates in one packed decoder row score as each alone does."""
     model, params = tiny
     inputs, candidates = _inputs(3), _candidates(3)
     width = max(len(c) for c in candidates)
-    length = max(len(t) for c in candidates for t in c)
     enc = np.zeros((3, 48), np.int32)
-    cand = np.zeros((3, width, length), np.int32)
-    for i, (x, c) in enumerate(zip(inputs, candidates, strict=True)):
+    for i, x in enumerate(inputs):
         enc[i, : len(x)] = x
-        for j, t in enumerate(c):
-            cand[i, j, : len(t)] = t
+    packed = scoring.pack_candidates(candidates, 3, scoring.packed_length(candidates))
     scores = np.asarray(
-        scoring.candidate_log_likelihoods(model, params, enc, cand, length_normalized)
+        scoring.candidate_log_likelihoods(model, params, enc, packed, width, length_normalized)
     )
     for i, (x, c) in enumerate(zip(inputs, candidates, strict=True)):
         for j in range(width):
