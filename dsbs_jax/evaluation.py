@@ -216,17 +216,18 @@ def score_batches(
     length_normalized: bool = False,
 ) -> list[int]:
     """Index of the likeliest candidate of each input (`candidates[i]`: token ids, EOS
-    included), in order. Every batch has as many candidate slots as the widest input and a
-    decoder row long enough for any input's packed candidates, so one program is compiled
-    per input length."""
+    included), in order. Every batch has as many candidate slots as the widest input, and
+    decoder rows as long as its longest packed candidates, rounded up to a multiple of 8, so
+    few programs are compiled."""
     if not inputs:
         return []
     width = max(len(c) for c in candidates)
-    length = scoring.packed_length(candidates)
     best = [0] * len(inputs)
     with _progress(len(inputs), "score") as bar:
         for positions, tokens in length_sorted_batches(inputs, inputs_length, batch_size):
-            packed = scoring.pack_candidates([candidates[i] for i in positions], batch_size, length)
+            batch_candidates = [candidates[i] for i in positions]
+            length = scoring.packed_length(batch_candidates)
+            packed = scoring.pack_candidates(batch_candidates, batch_size, length)
             batch = {"encoder_input_tokens": tokens, **packed}
             local = partitioner.shard_batch(partitioner.host_slice(batch))
             encoder_input_tokens = local.pop("encoder_input_tokens")
