@@ -245,18 +245,17 @@ def score_batches(
 def candidate_labels(dataset: str, split: str, examples: Sequence[Mapping[str, Any]]) -> list:
     """Each example's candidate labels (`dsbs_jax.data.choices`); raises if one has none."""
     cached = choices.cached_choices(dataset, split)
-    out = []
-    for ex in examples:
-        text = ex["inputs_pretokenized"].decode().removeprefix(PREDICT_PREFIX)
-        found = choices.candidates(dataset, text, cached.get(ex["id"].decode(), ()))
-        if not found:
-            raise ValueError(
-                f"score mode: input {ex['id'].decode()!r} of {dataset} has no candidate labels; "
-                "add a 'choices' list to its cache record, or use label_evaluation.modes="
-                "['generate']"
+    return choices.candidates_of(
+        dataset,
+        (
+            (
+                ex["id"].decode(),
+                ex["inputs_pretokenized"].decode().removeprefix(PREDICT_PREFIX),
+                cached.get(ex["id"].decode(), ()),
             )
-        out.append(found)
-    return out
+            for ex in examples
+        ),
+    )
 
 
 def score_texts(

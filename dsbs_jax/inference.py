@@ -96,18 +96,6 @@ def _task_inputs(mixture_or_task_name: str, split: str) -> list[dict[str, Any]]:
     ]
 
 
-def _candidates(dataset: str, rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, ...]]:
-    """Each row's candidate labels for score mode; raises naming the first row without."""
-    found = [choices.candidates(dataset, r["input"], r["choices"]) for r in rows]
-    for row, labels in zip(rows, found, strict=True):
-        if not labels:
-            raise ValueError(
-                f"score mode: input {row['id']!r} has no candidate labels; give it a 'choices' "
-                "list, or use label_evaluation.modes=['generate']"
-            )
-    return found
-
-
 def _tokenized(
     vocabulary: seqio.Vocabulary, texts: Sequence[str], inputs_length: int
 ) -> list[list[int]]:
@@ -161,7 +149,10 @@ def infer(
                     student.partitioner,
                     vocabulary,
                     inputs,
-                    _candidates(_label_dataset(mixture_or_task_name), rows),
+                    choices.candidates_of(
+                        _label_dataset(mixture_or_task_name),
+                        ((r["id"], r["input"], r["choices"]) for r in rows),
+                    ),
                     inputs_length,
                     batch_size,
                     decode_length,

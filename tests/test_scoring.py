@@ -85,6 +85,8 @@ def test_cqa_input_lists_its_five_choices_and_nli_has_three_labels():
     assert choices.candidates("esnli", "a</s>b") == ("entailment", "neutral", "contradiction")
     assert choices.candidates("svamp", "2 + 3") == ()
     assert choices.candidates("cqa", CQA_INPUT, ["x", "y"]) == ("x", "y")  # the record wins
+    with pytest.raises(ValueError, match="input 'q2' of svamp has no candidate labels"):
+        choices.candidates_of("svamp", [("q1", "1 + 1", ["2", "3"]), ("q2", "2 + 3", [])])
 
 
 def test_cache_choices_round_trip_and_are_left_out_when_empty(tmp_path):

@@ -9,7 +9,7 @@ A dataset with neither has no candidates and is evaluated by generation only.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from dsbs_jax.data import cache, sources
 from dsbs_jax.data.official import NLI_LABELS
@@ -46,6 +46,23 @@ def candidates(dataset: str, input_text: str, cached: Sequence[str] = ()) -> tup
         return tuple(cached)
     rule = DATASET_CHOICES.get(dataset)
     return rule(input_text) if rule else ()
+
+
+def candidates_of(
+    dataset: str, inputs: Iterable[tuple[str, str, Sequence[str]]]
+) -> list[tuple[str, ...]]:
+    """Candidates of (id, input text, record's choices) inputs; an input without any ends
+    score mode with a ValueError naming it."""
+    found = []
+    for example_id, text, cached in inputs:
+        labels = candidates(dataset, text, cached)
+        if not labels:
+            raise ValueError(
+                f"score mode: input {example_id!r} of {dataset} has no candidate labels; give "
+                "it a 'choices' list, or use label_evaluation.modes=['generate']"
+            )
+        found.append(labels)
+    return found
 
 
 def cached_choices(dataset: str, split: str) -> dict[str, tuple[str, ...]]:
