@@ -13,6 +13,10 @@ same `--batch-size` inputs each padded to its own longest row (DataCollatorForSe
 forward passes, `alpha * pred_loss + (1 - alpha) * expl_loss`, backward, gradient clipping at
 1.0, AdamW (lr 5e-5, linear decay).
 
+`gflops` is the FLOP rate a step achieves (XLA's count of the compiled step for ours; for the
+baseline, with `--count-flops`, torch's FlopCounterMode over the timed batches, counted after
+timing): set it against `benchmarks.matmul`'s rate on the same machine.
+
 An example is one input with its label and its rationale; tokens are the non-padding encoder
 and target tokens; both are counted the same way on both sides. Batches are built before
 timing on both sides, so the figures are of the training step alone. Rates are medians over
@@ -37,6 +41,7 @@ FIGURES = (
     ("peak_rss_mib", "MiB", "lower"),
     ("compile_s", "s", "lower"),
     ("real_token_fraction", "", "higher"),
+    ("gflops", "GFLOP/s achieved by the step", "higher"),
 )
 
 
@@ -51,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-pack", action="store_true", help="ours: pad instead of packing")
     parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument(
+        "--count-flops",
+        action="store_true",
+        help="baseline: count each timed step's FLOPs (torch FlopCounterMode, after timing); "
+        "ours always reports XLA's count",
+    )
     parser.add_argument(
         "--use-hardware-rng",
         action="store_true",
@@ -150,6 +161,7 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
         dataset=dataset,
         last_loss=loss,
         xla_temp_mib=_temp_mib(compiled),
+        gflop_per_step=_xla_gflop(compiled),
     )
 
 
@@ -158,6 +170,27 @@ def with_gin_alpha(alpha: float) -> None:
 
     with gin.unlock_config():
         gin.bind_parameter("step_by_step_loss_weights.alpha", alpha)
+
+
+def _xla_gflop(compiled: Any) -> float | None:
+    """XLA's FLOP count of the compiled step (multiply-adds count 2), in GFLOP."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # cost analysis is not available on every backend
+        return None
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return flops / 1e9 if flops else None
+
+
+def _torch_gflop(step: Any) -> float:
+    """FLOPs `step()` runs in PyTorch, counted by FlopCounterMode, in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / 1e9
 
 
 def _temp_mib(compiled: Any) -> float | None:
@@ -212,6 +245,11 @@ def baseline(args: argparse.Namespace) -> dict[str, Any]:
     for batch in batches:
         seconds, cpu, loss = common.timed_cpu(lambda b=batch: train_step(b))
         times.append((seconds, cpu))
+    last_loss = float(loss)
+    gflop = None
+    if args.count_flops:  # after timing: the counter slows the steps it watches
+        skip = 1 + args.warmup
+        gflop = statistics.mean(_torch_gflop(lambda b=b: train_step(b)) for b in batches[skip:])
     return _summary(
         counts,
         times,
@@ -219,7 +257,8 @@ def baseline(args: argparse.Namespace) -> dict[str, Any]:
         compile_s=None,
         rss_before=rss_before,
         dataset=dataset,
-        last_loss=float(loss),
+        last_loss=last_loss,
+        gflop_per_step=gflop,
         torch_threads=torch.get_num_threads(),
         mean_padded_lengths=[
             float(np.mean([b[t][k].shape[1] for b in batches]))
@@ -280,6 +319,9 @@ def _summary(
     }
     if compile_s is not None:
         result["compile_s"] = compile_s
+    if extra.get("gflop_per_step"):
+        # The step's FLOP rate, to set against benchmarks.matmul's on the same machine.
+        result["gflops"] = extra["gflop_per_step"] / statistics.median(timed_times)
     return {k: v for k, v in result.items() if v is not None}
 
 

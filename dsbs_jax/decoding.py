@@ -31,7 +31,7 @@ class _LoopState(NamedTuple):
     cache: Cache
 
 
-def _shift_right(tokens: Array) -> Array:
+def shift_right(tokens: Array) -> Array:
     """Decoder inputs for `tokens`: the 0 start token, then the tokens minus the last."""
     return jnp.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
 
@@ -114,7 +114,7 @@ def greedy_decode(
     cache = init_cache(model, params, encoded, encoder_input_tokens, max_decode_length)
 
     def next_logits(cache: Cache, tokens: Array, step: Array) -> tuple[Array, Cache]:
-        previous = jax.lax.dynamic_slice_in_dim(_shift_right(tokens), step, 1, axis=1)
+        previous = jax.lax.dynamic_slice_in_dim(shift_right(tokens), step, 1, axis=1)
         logits, variables = model.apply(
             {"params": params, "cache": cache},
             encoded,
@@ -149,7 +149,7 @@ def greedy_decode_no_cache(
             {"params": params},
             encoded,
             encoder_input_tokens,
-            _shift_right(tokens),
+            shift_right(tokens),
             enable_dropout=False,
             method="decode",
         )

@@ -1,23 +1,28 @@
-"""Evaluation on a split: teacher-forced losses, and decoded labels scored by seqio metrics.
+"""Evaluation on a split: teacher-forced losses, and labels (generated, or scored among
+candidates) measured by seqio metrics.
 
 Batches have a fixed size (the last one padded with empty rows) so each step
-compiles once. Every host reads the whole (small) evaluation split and feeds
+compiles once per input length. Every host reads the whole (small) evaluation split and feeds
 its slice of each global batch; decoded tokens are gathered back to all hosts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import gin
 import jax
 import numpy as np
 import seqio
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from dsbs_jax import decoding, losses
+from dsbs_jax import decoding, losses, scoring
+from dsbs_jax.data import choices
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
+from dsbs_jax.data.preprocessors import PREDICT_PREFIX
 from dsbs_jax.models.t5 import T5
 from dsbs_jax.partitioning import Partitioner
 
@@ -76,11 +81,98 @@ def teacher_forced(
     return {k: float(v) for k, v in losses.summarise_loss_sums(totals).items()}
 
 
-def _decode_text(vocabulary: seqio.Vocabulary, tokens: np.ndarray, eos_id: int) -> str:
+def decode_text(vocabulary: seqio.Vocabulary, tokens: np.ndarray, eos_id: int) -> str:
     ids = tokens.tolist()
     if eos_id in ids:
         ids = ids[: ids.index(eos_id)]
     return vocabulary.decode(ids)
+
+
+MIN_PADDED_LENGTH = 32
+MODES = ("generate", "score")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelEvaluation:
+    """How labels are predicted for validation, test and `infer` (see `label_evaluation`)."""
+
+    modes: tuple[str, ...]
+    length_normalized: bool
+    batch_size: int | None
+
+
+@gin.configurable
+def label_evaluation(
+    modes: Sequence[str] = ("generate",),
+    length_normalized: bool = False,
+    batch_size: int | None = None,
+) -> LabelEvaluation:
+    """Label prediction modes, in order: "generate" (greedy decoding) and/or "score".
+
+    "score" picks the likeliest of each input's candidate labels (`dsbs_jax.scoring`,
+    candidates from `dsbs_jax.data.choices`), by summed log-likelihood or, when
+    `length_normalized`, by mean log-likelihood per token. Each mode's metrics are reported
+    (see `metric_key`); the first mode's picks the best checkpoint and `infer`'s labels.
+    `batch_size` (inputs per batch) None: the run's evaluation batch size.
+    """
+    if isinstance(modes, str):
+        modes = (modes,)
+    unknown = [m for m in modes if m not in MODES]
+    if not modes or unknown:
+        raise ValueError(
+            f"label_evaluation.modes must be one or more of {MODES}, got {tuple(modes)!r}"
+        )
+    return LabelEvaluation(tuple(modes), length_normalized, batch_size)
+
+
+def metric_key(split: str, task_name: str, metric: str, mode: str) -> str:
+    """'validation/dsbs_cqa_label_llm/accuracy' for generated labels, '.../score/accuracy' scored."""
+    return (
+        f"{split}/{task_name}/{metric}"
+        if mode == "generate"
+        else f"{split}/{task_name}/{mode}/{metric}"
+    )
+
+
+def padded_length(longest: int, inputs_length: int) -> int:
+    """The length a batch whose longest input has `longest` tokens is padded to.
+
+    Powers of two from MIN_PADDED_LENGTH up to `inputs_length`: few compiled shapes, and at
+    most twice the tokens of the longest input.
+    """
+    length = MIN_PADDED_LENGTH
+    while length < longest:
+        length *= 2
+    return max(min(length, inputs_length), 1)
+
+
+def length_sorted_batches(
+    inputs: Sequence[Sequence[int]], inputs_length: int, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (positions in `inputs`, [batch_size, padded length] tokens), shortest first.
+
+    Inputs of similar length share a batch, so few are padded far; the last batch is
+    filled with all-padding rows. Inputs longer than `inputs_length` are truncated.
+    """
+    order = np.argsort([len(ids) for ids in inputs], kind="stable")
+    for start in range(0, len(order), batch_size):
+        positions = order[start : start + batch_size]
+        longest = max(min(len(inputs[i]), inputs_length) for i in positions)
+        tokens = np.zeros((batch_size, padded_length(longest, inputs_length)), np.int32)
+        for row, i in enumerate(positions):
+            ids = list(inputs[i])[:inputs_length]
+            tokens[row, : len(ids)] = ids
+        yield positions, tokens
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="ex",
+        leave=False,
+        disable=total < 512 or jax.process_index() != 0,
+    )
 
 
 def decode_batches(
@@ -95,35 +187,102 @@ def decode_batches(
 ) -> list[str]:
     """Greedy-decodes encoder inputs (token ids, EOS included) into texts, in order.
 
-    Each input is padded to `inputs_length`, so every batch compiles to one shape.
+    Batches group inputs of similar length (`length_sorted_batches`); the decoding loop of
+    a batch stops once every row has produced EOS.
     """
-
-    def padded(ids: Sequence[int]) -> dict[str, np.ndarray]:
-        tokens = np.zeros(inputs_length, np.int32)
-        tokens[: len(ids)] = ids
-        return {"encoder_input_tokens": tokens}
-
     eos_id = vocabulary.eos_id
-    texts: list[str] = []
-    batches = fixed_size_batches((padded(ids) for ids in inputs), batch_size)
-    with tqdm(
-        total=len(inputs),
-        desc="decode",
-        unit="ex",
-        leave=False,
-        disable=len(inputs) < 512 or jax.process_index() != 0,
-    ) as bar:
-        for batch, real in batches:
+    texts: list[str] = [""] * len(inputs)
+    with _progress(len(inputs), "decode") as bar:
+        for positions, tokens in length_sorted_batches(inputs, inputs_length, batch_size):
+            batch = {"encoder_input_tokens": tokens}
             local = partitioner.shard_batch(partitioner.host_slice(batch))["encoder_input_tokens"]
             with partitioner.activation_rules():
-                tokens = decoding.greedy_decode(model, params, local, max_decode_length, eos_id)
-            tokens = multihost_utils.process_allgather(tokens, tiled=True)
-            texts += [_decode_text(vocabulary, row, eos_id) for row in tokens[:real]]
-            bar.update(real)
+                decoded = decoding.greedy_decode(model, params, local, max_decode_length, eos_id)
+            decoded = multihost_utils.process_allgather(decoded, tiled=True)
+            for position, row in zip(positions, decoded, strict=False):
+                texts[position] = decode_text(vocabulary, row, eos_id)
+            bar.update(len(positions))
     return texts
 
 
-def decode_task(
+def score_batches(
+    model: T5,
+    params: PyTree,
+    partitioner: Partitioner,
+    inputs: Sequence[Sequence[int]],
+    candidates: Sequence[Sequence[Sequence[int]]],
+    inputs_length: int,
+    batch_size: int,
+    length_normalized: bool = False,
+) -> list[int]:
+    """Index of the likeliest candidate of each input (`candidates[i]`: token ids, EOS
+    included), in order. Every batch has as many candidate slots as the widest input, and
+    decoder rows as long as its longest packed candidates, rounded up to a multiple of 8, so
+    few programs are compiled."""
+    if not inputs:
+        return []
+    width = max(len(c) for c in candidates)
+    best = [0] * len(inputs)
+    with _progress(len(inputs), "score") as bar:
+        for positions, tokens in length_sorted_batches(inputs, inputs_length, batch_size):
+            batch_candidates = [candidates[i] for i in positions]
+            length = scoring.packed_length(batch_candidates)
+            packed = scoring.pack_candidates(batch_candidates, batch_size, length)
+            batch = {"encoder_input_tokens": tokens, **packed}
+            local = partitioner.shard_batch(partitioner.host_slice(batch))
+            encoder_input_tokens = local.pop("encoder_input_tokens")
+            with partitioner.activation_rules():
+                scores = scoring.candidate_log_likelihoods(
+                    model, params, encoder_input_tokens, local, width, length_normalized
+                )
+            scores = multihost_utils.process_allgather(scores, tiled=True)
+            for position, row in zip(positions, np.argmax(scores, axis=-1), strict=False):
+                best[position] = int(row)
+            bar.update(len(positions))
+    return best
+
+
+def candidate_labels(dataset: str, split: str, examples: Sequence[Mapping[str, Any]]) -> list:
+    """Each example's candidate labels (`dsbs_jax.data.choices`); raises if one has none."""
+    cached = choices.cached_choices(dataset, split)
+    return choices.candidates_of(
+        dataset,
+        (
+            (
+                ex["id"].decode(),
+                ex["inputs_pretokenized"].decode().removeprefix(PREDICT_PREFIX),
+                cached.get(ex["id"].decode(), ()),
+            )
+            for ex in examples
+        ),
+    )
+
+
+def score_texts(
+    model: T5,
+    params: PyTree,
+    partitioner: Partitioner,
+    vocabulary: seqio.Vocabulary,
+    inputs: Sequence[Sequence[int]],
+    candidates: Sequence[Sequence[str]],
+    inputs_length: int,
+    batch_size: int,
+    max_label_length: int,
+    length_normalized: bool = False,
+) -> list[str]:
+    """The likeliest of each input's candidate label texts (closed-set scoring)."""
+    eos = [vocabulary.eos_id]
+    tokenized = [
+        [(vocabulary.encode(c) + eos)[:max_label_length] for c in labels] for labels in candidates
+    ]
+    picks = score_batches(
+        model, params, partitioner, inputs, tokenized, inputs_length, batch_size, length_normalized
+    )
+    return [labels[pick] for labels, pick in zip(candidates, picks, strict=True)]
+
+
+def predict_task(
+    mode: str,
     model: T5,
     params: PyTree,
     partitioner: Partitioner,
@@ -132,8 +291,10 @@ def decode_task(
     inputs_length: int,
     batch_size: int,
     max_decode_length: int,
+    length_normalized: bool = False,
 ) -> list[dict[str, str]]:
-    """Greedy-decodes every example of a task's split: [{id, input, target, prediction}]."""
+    """Predicts the label of every example of a task's split, generated or scored:
+    [{id, input, target, prediction}]."""
     ds = task.get_dataset(
         {"inputs": inputs_length, "targets": max_decode_length},
         split=split,
@@ -142,16 +303,31 @@ def decode_task(
     )
     examples = list(ds.as_numpy_iterator())
     vocabulary = task.output_features["targets"].vocabulary
-    predictions = decode_batches(
-        model,
-        params,
-        partitioner,
-        vocabulary,
-        [ex["inputs"] for ex in examples],
-        inputs_length,
-        batch_size,
-        max_decode_length,
-    )
+    inputs = [ex["inputs"] for ex in examples]
+    if mode == "score":
+        predictions = score_texts(
+            model,
+            params,
+            partitioner,
+            vocabulary,
+            inputs,
+            candidate_labels(task.source.dataset, split, examples),
+            inputs_length,
+            batch_size,
+            max_decode_length,
+            length_normalized,
+        )
+    else:
+        predictions = decode_batches(
+            model,
+            params,
+            partitioner,
+            vocabulary,
+            inputs,
+            inputs_length,
+            batch_size,
+            max_decode_length,
+        )
     return [
         {
             "id": ex["id"].decode(),

@@ -18,6 +18,7 @@ import seqio
 
 from dsbs_jax import evaluation, trainer
 from dsbs_jax.checkpoints import Checkpointer
+from dsbs_jax.data import choices
 from dsbs_jax.data.cache import read_examples
 from dsbs_jax.data.preprocessors import EXPLAIN_PREFIX, PREDICT_PREFIX
 from dsbs_jax.training import SplitEvaluator, Student, abstract_like, format_results
@@ -79,39 +80,32 @@ def evaluate(
     return results
 
 
-def _task_inputs(mixture_or_task_name: str, split: str) -> list[dict[str, str]]:
-    """The raw inputs of a split, read through the mixture's first label task."""
+def _label_dataset(mixture_or_task_name: str) -> str:
+    """The dataset of the mixture's first label task (its candidate labels' rule)."""
     (task, *_) = evaluation.metric_tasks(mixture_or_task_name)
+    return task.source.dataset
+
+
+def _task_inputs(mixture_or_task_name: str, split: str) -> list[dict[str, Any]]:
+    """The raw inputs of a split, read through the mixture's first label task, with the
+    candidate labels their cache records list."""
+    (task, *_) = evaluation.metric_tasks(mixture_or_task_name)
+    cached = choices.cached_choices(task.source.dataset, split)
     ds = task.get_dataset(None, split=split, shuffle=False, num_epochs=1)
     return [
         {
             "id": ex["id"].decode(),
             "input": ex["inputs_pretokenized"].decode().removeprefix(PREDICT_PREFIX),
+            "choices": cached.get(ex["id"].decode(), ()),
         }
         for ex in ds.as_numpy_iterator()
     ]
 
 
-def _generate(
-    student: Student,
-    params: Any,
-    vocabulary: seqio.Vocabulary,
-    texts: Sequence[str],
-    inputs_length: int,
-    batch_size: int,
-    max_decode_length: int,
-) -> list[str]:
-    inputs = [(vocabulary.encode(t) + [vocabulary.eos_id])[:inputs_length] for t in texts]
-    return evaluation.decode_batches(
-        student.model,
-        params,
-        student.partitioner,
-        vocabulary,
-        inputs,
-        inputs_length,
-        batch_size,
-        max_decode_length,
-    )
+def _tokenized(
+    vocabulary: seqio.Vocabulary, texts: Sequence[str], inputs_length: int
+) -> list[list[int]]:
+    return [(vocabulary.encode(t) + [vocabulary.eos_id])[:inputs_length] for t in texts]
 
 
 @gin.configurable
@@ -131,34 +125,60 @@ def infer(
 ) -> Path:
     """Writes {id, input, label[, rationale]} JSON lines for `input_file` (or `split`).
 
-    Only the label is generated unless `rationales`: at deployment the rationale
-    costs nothing.
+    Only the label is predicted unless `rationales`: at deployment the rationale
+    costs nothing. The label is generated, or picked among the input's candidates when
+    `label_evaluation.modes` starts with "score" (an input file's rows may list their
+    own `choices`).
     """
     student, params, step = restore_student(
         model_dir, mixture_or_task_name, task_feature_lengths, model_config, checkpoint
     )
     if input_file:
         examples = read_examples(Path(input_file).expanduser())
-        rows = [{"id": ex.id, "input": ex.input} for ex in examples]
+        rows = [{"id": ex.id, "input": ex.input, "choices": ex.choices} for ex in examples]
     else:
         rows = _task_inputs(mixture_or_task_name, split)
     decode_length = max_decode_length or task_feature_lengths["targets"]
+    labels = evaluation.label_evaluation()
+    batch_size = labels.batch_size or batch_size
     prompts = {"label": PREDICT_PREFIX}
     if rationales:
         prompts["rationale"] = EXPLAIN_PREFIX
     with student.partitioner.activation_rules():
         for field, prefix in prompts.items():
-            outputs = _generate(
-                student,
-                params,
-                student.vocabulary,
-                [prefix + r["input"] for r in rows],
-                task_feature_lengths["inputs"],
-                batch_size,
-                decode_length,
-            )
+            vocabulary, inputs_length = student.vocabulary, task_feature_lengths["inputs"]
+            inputs = _tokenized(vocabulary, [prefix + r["input"] for r in rows], inputs_length)
+            if field == "label" and labels.modes[0] == "score":
+                outputs = evaluation.score_texts(
+                    student.model,
+                    params,
+                    student.partitioner,
+                    vocabulary,
+                    inputs,
+                    choices.candidates_of(
+                        _label_dataset(mixture_or_task_name),
+                        ((r["id"], r["input"], r["choices"]) for r in rows),
+                    ),
+                    inputs_length,
+                    batch_size,
+                    decode_length,
+                    labels.length_normalized,
+                )
+            else:
+                outputs = evaluation.decode_batches(
+                    student.model,
+                    params,
+                    student.partitioner,
+                    vocabulary,
+                    inputs,
+                    inputs_length,
+                    batch_size,
+                    decode_length,
+                )
             for row, output in zip(rows, outputs, strict=True):
                 row[field] = output
+    for row in rows:
+        del row["choices"]
     out = Path(output_file or Path(model_dir) / f"predictions_{split}_checkpoint_{step}.jsonl")
     out = out.expanduser()
     if jax.process_index() == 0:

@@ -58,8 +58,11 @@ class Row:
 
 
 def test_metric(results: dict[str, Any], where: Path) -> tuple[str, float]:
-    """The label metric among a run's test results: the one `<split>/<task>/<metric>` key."""
-    keys = [k for k in results if k.count("/") == 2]
+    """The label metric among a run's test results: the one `<split>/<task>/<metric>` key, or
+    in a run evaluated in score mode only, the one `<split>/<task>/score/<metric>` key."""
+    keys = [k for k in results if k.count("/") == 2] or [
+        k for k in results if k.count("/") == 3 and k.split("/")[2] == "score"
+    ]
     if len(keys) != 1:
         raise ValueError(f"{where}: expected one <split>/<task>/<metric> result, found {keys}")
     return keys[0], float(results[keys[0]])

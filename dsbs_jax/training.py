@@ -28,6 +28,7 @@ from tqdm import tqdm
 from dsbs_jax import checkpoint_import, evaluation, optimizers, trainer
 from dsbs_jax.checkpoints import Checkpointer
 from dsbs_jax.data.run_inputs import ensure_run_inputs
+from dsbs_jax.early_stopping import MetricHistory, early_stopping
 from dsbs_jax.input_pipeline import train_batches
 from dsbs_jax.models.t5 import T5, T5Config, get_config
 from dsbs_jax.partitioning import Partitioner
@@ -92,7 +93,8 @@ def _primary_metric(mixture_or_task_name: str, split: str) -> str | None:
     tasks = evaluation.metric_tasks(mixture_or_task_name)
     if not tasks:
         return None
-    return f"{split}/{tasks[0].name}/{tasks[0].metric_fns[0].__name__}"
+    mode = evaluation.label_evaluation().modes[0]
+    return evaluation.metric_key(split, tasks[0].name, tasks[0].metric_fns[0].__name__, mode)
 
 
 def abstract_like(tree: Any) -> Any:
@@ -177,7 +179,8 @@ def train(
     every batch; `shard_files_by_host` makes each read only its own files instead of the whole
     stream (see `dsbs_jax.input_pipeline`). Only the first host writes MODEL_DIR's own files;
     orbax coordinates the checkpoint writes of all hosts. `use_hardware_rng` draws dropout
-    masks with XLA's RngBitGenerator (see `trainer.dropout_key`).
+    masks with XLA's RngBitGenerator (see `trainer.dropout_key`). Training stops early when
+    gin sets `early_stopping.patience` and the validation metric stops improving.
     """
     ensure_run_inputs(mixture_or_task_name)
     model_dir_path = Path(model_dir).expanduser()
@@ -205,7 +208,7 @@ def train(
     partitioner = student.partitioner
     writer = MetricsWriter(model_dir_path, enabled=is_host0)
 
-    state, start_step = student.state, 0
+    state, start_step, data = student.state, 0, {}
     if resuming:
         state, data = checkpointer.restore(abstract_like(state))
         start_step = int(state.step)
@@ -215,6 +218,7 @@ def train(
                 f"not {random_seed}; use another MODEL_DIR"
             )
         print(f"resuming from {model_dir_path} at step {start_step}", file=sys.stderr)
+    history = MetricHistory(early_stopping(best_metric), data.get("metric_history", ()))
 
     with partitioner.activation_rules():
         train_step = jax.jit(
@@ -238,7 +242,9 @@ def train(
             eval_batch_size,
             max_decode_length,
         )
-        if start_step < train_steps:
+        if history.stop:
+            print(f"{model_dir_path} stopped early at step {start_step}", file=sys.stderr)
+        elif start_step < train_steps:
             batches = _host_train_batches(
                 partitioner,
                 mixture_or_task_name,
@@ -266,6 +272,7 @@ def train(
                 writer,
                 random_seed,
                 trainer.dropout_key(random_seed, use_hardware_rng),
+                history,
             )
         else:
             print(f"{model_dir_path} is already trained to step {start_step}", file=sys.stderr)
@@ -286,7 +293,8 @@ def train(
 
 
 class SplitEvaluator:
-    """Validation/test evaluation: teacher-forced losses of the mixture, decoded label metrics."""
+    """Validation/test evaluation: teacher-forced losses of the mixture, and label metrics in
+    each mode of `evaluation.label_evaluation` (generated, scored among candidates)."""
 
     def __init__(
         self,
@@ -300,6 +308,7 @@ class SplitEvaluator:
         self._run, self._eval_step, self._name, self._lengths = student, eval_step, name, lengths
         self._batch_size = batch_size
         self._max_decode_length = max_decode_length or lengths["targets"]
+        self._labels = evaluation.label_evaluation()
 
     def __call__(self, params: Any, split: str) -> dict[str, float]:
         student = self._run
@@ -313,19 +322,25 @@ class SplitEvaluator:
             self._batch_size,
         )
         results = {f"{split}/{k}": v for k, v in losses.items()}
+        labels = self._labels
         for task in evaluation.metric_tasks(self._name):
-            rows = evaluation.decode_task(
-                student.model,
-                params,
-                student.partitioner,
-                task,
-                split,
-                self._lengths["inputs"],
-                self._batch_size,
-                self._max_decode_length,
-            )
-            scores = evaluation.score(task, rows)
-            results.update({f"{split}/{task.name}/{k}": v for k, v in scores.items()})
+            for mode in labels.modes:
+                rows = evaluation.predict_task(
+                    mode,
+                    student.model,
+                    params,
+                    student.partitioner,
+                    task,
+                    split,
+                    self._lengths["inputs"],
+                    labels.batch_size or self._batch_size,
+                    self._max_decode_length,
+                    labels.length_normalized,
+                )
+                scores = evaluation.score(task, rows)
+                results.update(
+                    {evaluation.metric_key(split, task.name, k, mode): v for k, v in scores.items()}
+                )
         return results
 
 
@@ -382,6 +397,7 @@ def _train_loop(
     writer: MetricsWriter,
     seed: int,
     rng: jax.Array,
+    history: MetricHistory,
 ) -> trainer.TrainState:
     pending: list[dict[str, jax.Array]] = []
     window_start, window_step = time.perf_counter(), start_step
@@ -413,8 +429,19 @@ def _train_loop(
                 writer.write(step, "training_eval", metrics_for_best)
                 if jax.process_index() == 0:  # tqdm.write prints even when the bar is off
                     bar.write(format_results(f"{eval_split} at step {step}", metrics_for_best))
-            data = {"step": step, "seed": seed}
-            checkpointer.save(step, state, data, metrics_for_best, force=step == train_steps)
+                history.add(metrics_for_best)
+            data = {"step": step, "seed": seed, "metric_history": history.values}
+            stop = history.stop
+            checkpointer.save(
+                step, state, data, metrics_for_best, force=step == train_steps or stop
+            )
+            if stop:
+                if jax.process_index() == 0:
+                    bar.write(
+                        f"stopping early at step {step}: {history.rule.metric} has not "
+                        f"improved over the last {history.rule.patience} evaluations"
+                    )
+                break
     return state
 
 

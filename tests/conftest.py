@@ -45,3 +45,24 @@ def gin_cache_root(builtin_cache_root: Path):
         gin.bind_parameter("teacher_cache_root.path", str(builtin_cache_root))
     yield builtin_cache_root
     gin.clear_config()
+
+
+@pytest.fixture(scope="session")
+def choices_cache_root(builtin_cache_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in cache whose valid and test records list five candidate labels (`choices`):
+    the gold label and the four numbers around it."""
+    import dataclasses
+    import shutil
+
+    from dsbs_jax.data import cache, synthetic
+
+    root = tmp_path_factory.mktemp("choices_caches")
+    shutil.copytree(builtin_cache_root / synthetic.DATASET_NAME, root / synthetic.DATASET_NAME)
+    for split in ("valid", "test"):
+        path = cache.split_path(root / synthetic.DATASET_NAME, split)
+        records = [
+            dataclasses.replace(r, choices=tuple(str(int(r.label) + d) for d in (-2, -1, 0, 1, 2)))
+            for r in cache.read_records(path)
+        ]
+        cache.write_records(path, records)
+    return root

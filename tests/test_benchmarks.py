@@ -8,7 +8,7 @@ from pathlib import Path
 import gin
 import pytest
 
-from benchmarks import decode_throughput, matmul, packing, train_throughput
+from benchmarks import decode_throughput, eval_throughput, matmul, packing, train_throughput
 
 
 @pytest.fixture
@@ -40,11 +40,12 @@ def test_train_throughput(common_args, tmp_path: Path):
             "--rows=8",  # divisible by the test session's 8 host devices
             "--inputs-length=64",
             "--targets-length=64",
+            "--count-flops",
             f"--json={out}",
         ]
     )
     payload = json.loads(out.read_text())
-    figures = ("examples_per_s", "tokens_per_s", "step_time_median_s", "peak_rss_mib")
+    figures = ("examples_per_s", "tokens_per_s", "step_time_median_s", "peak_rss_mib", "gflops")
     for side in ("ours", "baseline"):
         _positive(payload["results"][side], (*figures, "real_token_fraction"))
     _positive(payload["results"]["ours"], ("compile_s",))
@@ -72,6 +73,37 @@ def test_decode_throughput(common_args, tmp_path: Path):
         )
     _positive(payload["results"]["ours"], ("compile_s",))
     _positive(payload["ratios"], ("examples_per_s",))
+
+
+def test_eval_throughput(choices_cache_root: Path, tmp_path: Path):
+    """A briefly trained tiny student, evaluated by both sides on the whole (24-input) test
+    split: ours in generate and score modes, the baseline from its Hugging Face export."""
+    out = tmp_path / "eval.json"
+    eval_throughput.main(
+        [
+            "--dataset=synthetic",
+            f"--data-dir={choices_cache_root}",
+            "--preset=tiny",
+            "--model-vocab-size=128",
+            "--in-process",
+            "--train-steps=3",
+            "--train-batch-size=8",
+            "--batch-size=16",
+            "--score-batch-size=8",
+            "--official-batch-size=8",
+            "--gen-max-len=8",
+            "--inputs-length=64",
+            f"--json={out}",
+        ]
+    )
+    gin.clear_config()
+    payload = json.loads(out.read_text())
+    ours, baseline = payload["results"]["ours"], payload["results"]["baseline"]
+    assert ours["examples"] == baseline["examples"] == 24
+    _positive(payload["ratios"], ("examples_per_s_generate", "examples_per_s_score"))
+    # Same weights, greedy on both sides: the same labels, so the same accuracy.
+    assert ours["accuracy_generate"] == baseline["accuracy_generate"]
+    assert 0.0 <= ours["accuracy_score"] <= 100.0
 
 
 def test_packing_raises_the_real_token_fraction(common_args, tmp_path: Path):

@@ -84,6 +84,13 @@ def test_a_run_with_several_label_metrics_is_refused(tmp_path):
         results.test_metric({"test/a/accuracy": 1.0, "test/b/accuracy": 2.0}, tmp_path)
 
 
+def test_the_generated_label_metric_is_the_runs_and_a_scored_one_stands_in_alone(tmp_path):
+    both = {"test/a/accuracy": 1.0, "test/a/score/accuracy": 2.0, "test/loss": 3.0}
+    assert results.test_metric(both, tmp_path) == ("test/a/accuracy", 1.0)
+    scored = {"test/a/score/accuracy": 2.0, "test/loss": 3.0}
+    assert results.test_metric(scored, tmp_path) == ("test/a/score/accuracy", 2.0)
+
+
 def _sweep_flags(data_dir: Path, sweep_dir: Path) -> list[str]:
     return [
         "--gin_file=runs/base.gin",

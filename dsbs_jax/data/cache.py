@@ -7,6 +7,9 @@ task writes it directly, and users can write it by hand for their own data:
     {"id": "q17", "input": "...", "label": "gold or empty", "teacher_label": "...",
      "rationales": ["...", ...], "teacher": "palm-540b", "parse_ok": true}
 
+An optional "choices" list names the closed set the label is one of (closed-set scoring,
+`dsbs_jax.scoring`); records without one leave it out.
+
 A cache directory holds `<split>.jsonl` files (train, valid, test).
 """
 
@@ -34,7 +37,8 @@ class TeacherRecord:
     """One input with its gold label and what the teacher said about it.
 
     `rationales` holds every teacher sample kept for the input (often one);
-    `parse_status` says why `parse_ok` is false ("ok" otherwise).
+    `parse_status` says why `parse_ok` is false ("ok" otherwise); `choices` is the closed
+    set of labels to score, or empty.
     """
 
     id: str
@@ -45,10 +49,15 @@ class TeacherRecord:
     teacher: str
     parse_ok: bool
     parse_status: str = "ok"
+    choices: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         record = dataclasses.asdict(self)
         record["rationales"] = list(self.rationales)
+        if self.choices:
+            record["choices"] = list(self.choices)
+        else:
+            del record["choices"]
         return json.dumps(record, ensure_ascii=False)
 
     @classmethod
@@ -67,6 +76,7 @@ class TeacherRecord:
                 raise CacheFormatError(f"{where}: '{name}' must be a string")
         if not isinstance(obj["parse_ok"], bool):
             raise CacheFormatError(f"{where}: 'parse_ok' must be true or false")
+        choices = _choices(obj, where)
         return cls(
             id=obj["id"],
             input=obj["input"],
@@ -76,12 +86,21 @@ class TeacherRecord:
             teacher=obj["teacher"],
             parse_ok=obj["parse_ok"],
             parse_status=str(obj.get("parse_status", "ok" if obj["parse_ok"] else "unknown")),
+            choices=choices,
         )
 
 
 def file_split(split: str) -> str:
     """The cache file split of a SeqIO split name: 'validation' is kept in valid.jsonl."""
     return TASK_SPLITS.get(split, split)
+
+
+def _choices(obj: dict, where: str) -> tuple[str, ...]:
+    """The optional 'choices' field: a list of strings (empty when absent)."""
+    choices = obj.get("choices", [])
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise CacheFormatError(f"{where}: 'choices' must be a list of strings")
+    return tuple(choices)
 
 
 def split_path(cache_dir: str | os.PathLike, split: str) -> Path:
@@ -120,11 +139,13 @@ def iter_records(path: str | os.PathLike) -> Iterator[TeacherRecord]:
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One input to label or predict; `label` is the gold label, or empty."""
+    """One input to label or predict; `label` is the gold label, or empty; `choices` the
+    closed set of labels to score, or empty."""
 
     id: str
     input: str
     label: str
+    choices: tuple[str, ...] = ()
 
 
 def read_examples(path: str | os.PathLike) -> list[Example]:
@@ -138,7 +159,7 @@ def read_examples(path: str | os.PathLike) -> list[Example]:
             raise CacheFormatError(f"{where}: expected a string 'id'")
         if not isinstance(obj.get("label", ""), str):
             raise CacheFormatError(f"{where}: 'label' must be a string")
-        example = Example(str(obj["id"]), obj["input"], obj.get("label", ""))
+        example = Example(str(obj["id"]), obj["input"], obj.get("label", ""), _choices(obj, where))
         if example.id in seen:
             raise CacheFormatError(f"{where}: duplicate id {example.id!r}")
         seen.add(example.id)

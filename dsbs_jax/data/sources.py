@@ -290,6 +290,10 @@ class TeacherCacheSource(seqio.DataSource):
         super().__init__(splits=splits, num_input_examples=None)
 
     @property
+    def dataset(self) -> str:
+        return self._dataset
+
+    @property
     def dataset_dir(self) -> Path:
         return teacher_cache_root() / self._dataset
 

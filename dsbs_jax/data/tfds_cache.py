@@ -83,6 +83,7 @@ class TeacherCache(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, path: Path) -> Iterator[tuple[int, dict]]:
         for i, record in enumerate(cache.read_records(path)):
             example = dataclasses.asdict(record)
+            del example["choices"]  # read from the JSON-lines cache only (closed-set scoring)
             example["rationales"] = list(record.rationales)
             example["index"] = i
             yield i, example

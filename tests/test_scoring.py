@@ -1,0 +1,184 @@
+"""Closed-set scoring and fast label generation: candidates, exact picks, the same labels."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsbs_jax import decoding, evaluation, scoring
+from dsbs_jax.data import cache, choices
+from dsbs_jax.models.t5 import T5, get_config
+from dsbs_jax.partitioning import Partitioner
+
+VOCAB = 64
+CQA_INPUT = (
+    "A beaver is know for building prowess, their supplies come from where?\nAnswer Choices:\n"
+    "(a) british columbia\n(b) body of water\n(c) wooded area\n(d) pay debts\n(e) zoo"
+)
+
+
+class _IdVocabulary:
+    """Texts are the token ids themselves: enough for decode_batches and score_texts."""
+
+    eos_id = 1
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(str(i) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[T5, dict]:
+    model = T5(get_config("tiny", vocab_size=VOCAB, num_heads=4, head_dim=8, dtype=jnp.float32))
+    ones = jnp.ones((1, 8), jnp.int32)
+    params = model.init(jax.random.key(3), ones, ones, enable_dropout=False)["params"]
+    return model, params
+
+
+def _inputs(count: int, seed: int = 0) -> list[list[int]]:
+    """Inputs of 3..40 tokens of ids 2..VOCAB-1, each ending in EOS."""
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(2, VOCAB, rng.integers(3, 40))) + [1] for _ in range(count)]
+
+
+def _candidates(count: int, seed: int = 1) -> list[list[list[int]]]:
+    """2..5 candidates per input of 1..4 tokens plus EOS."""
+    rng = np.random.default_rng(seed)
+    return [
+        [list(rng.integers(2, VOCAB, rng.integers(1, 5))) + [1] for _ in range(rng.integers(2, 6))]
+        for _ in range(count)
+    ]
+
+
+@jax.jit
+def _plain_log_probs(params, enc, tgt):
+    model = T5(get_config("tiny", vocab_size=VOCAB, num_heads=4, head_dim=8, dtype=jnp.float32))
+    dec = jnp.pad(tgt, ((0, 0), (1, 0)))[:, :-1]
+    logits = model.apply({"params": params}, enc, dec, tgt, enable_dropout=False)
+    return jax.nn.log_softmax(logits[0], axis=-1)
+
+
+def _plain_log_likelihood(model, params, inputs, candidate) -> tuple[float, int]:
+    """One candidate's summed log-likelihood by the plain teacher-forced model call (inputs
+    and targets 0-padded to fixed lengths, which the model masks, so it compiles once)."""
+    del model  # the same tiny model, rebuilt inside the jitted function
+    enc = np.zeros((1, 48), np.int32)
+    enc[0, : len(inputs)] = inputs
+    tgt = np.zeros((1, 8), np.int32)
+    tgt[0, : len(candidate)] = candidate
+    log_probs = np.asarray(_plain_log_probs(params, enc, tgt))
+    return float(sum(log_probs[i, t] for i, t in enumerate(candidate))), len(candidate)
+
+
+def test_cqa_input_lists_its_five_choices_and_nli_has_three_labels():
+    assert choices.lettered_answer_choices(CQA_INPUT) == (
+        "british columbia",
+        "body of water",
+        "wooded area",
+        "pay debts",
+        "zoo",
+    )
+    assert choices.candidates("esnli", "a</s>b") == ("entailment", "neutral", "contradiction")
+    assert choices.candidates("svamp", "2 + 3") == ()
+    assert choices.candidates("cqa", CQA_INPUT, ["x", "y"]) == ("x", "y")  # the record wins
+    with pytest.raises(ValueError, match="input 'q2' of svamp has no candidate labels"):
+        choices.candidates_of("svamp", [("q1", "1 + 1", ["2", "3"]), ("q2", "2 + 3", [])])
+
+
+def test_cache_choices_round_trip_and_are_left_out_when_empty(tmp_path):
+    record = cache.TeacherRecord("q", "in", "7", "7", ("r",), "t", True, choices=("6", "7"))
+    plain = cache.TeacherRecord("p", "in", "7", "7", ("r",), "t", True)
+    cache.write_records(tmp_path / "test.jsonl", [record, plain])
+    assert '"choices"' not in (tmp_path / "test.jsonl").read_text().splitlines()[1]
+    assert cache.read_records(tmp_path / "test.jsonl") == [record, plain]
+    (tmp_path / "bad.jsonl").write_text('{"id": "1", "input": "x", "choices": "a"}\n')
+    with pytest.raises(cache.CacheFormatError, match="bad.jsonl:1: 'choices' must be a list"):
+        cache.read_examples(tmp_path / "bad.jsonl")
+
+
+@pytest.mark.parametrize("length_normalized", [False, True])
+def test_packed_scores_equal_a_loop_over_candidates(tiny, length_normalized):
+    """All of an input's candidates in one packed decoder row score as each alone does."""
+    model, params = tiny
+    inputs, candidates = _inputs(3), _candidates(3)
+    width = max(len(c) for c in candidates)
+    enc = np.zeros((3, 48), np.int32)
+    for i, x in enumerate(inputs):
+        enc[i, : len(x)] = x
+    packed = scoring.pack_candidates(candidates, 3, scoring.packed_length(candidates))
+    scores = np.asarray(
+        scoring.candidate_log_likelihoods(model, params, enc, packed, width, length_normalized)
+    )
+    for i, (x, c) in enumerate(zip(inputs, candidates, strict=True)):
+        for j in range(width):
+            if j >= len(c):
+                assert scores[i, j] == -np.inf
+                continue
+            total, count = _plain_log_likelihood(model, params, x, c[j])
+            expected = total / count if length_normalized else total
+            np.testing.assert_allclose(scores[i, j], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_score_mode_picks_the_argmax_of_independent_scores(tiny):
+    model, params = tiny
+    inputs, candidates = _inputs(11, seed=4), _candidates(11, seed=5)
+    vocabulary = _IdVocabulary()
+    texts = [[vocabulary.decode(t[:-1]) for t in c] for c in candidates]
+    picked = evaluation.score_texts(
+        model, params, Partitioner(devices=jax.devices()[:1]), vocabulary, inputs, texts, 48, 4, 8
+    )
+    expected = []
+    for x, c, t in zip(inputs, candidates, texts, strict=True):
+        totals = [_plain_log_likelihood(model, params, x, ids)[0] for ids in c]
+        expected.append(t[int(np.argmax(totals))])
+    assert picked == expected
+    assert len(set(picked)) > 1
+
+
+def test_length_sorted_generation_gives_todays_labels(tiny):
+    """Sorted, length-bucketed batches decode exactly what padding every input to the full
+    length in order does, including rows that stop at EOS early."""
+    model, params = tiny
+    inputs = _inputs(13, seed=6)
+    inputs_length, steps = 96, 6
+    full = np.zeros((len(inputs), inputs_length), np.int32)
+    for i, x in enumerate(inputs):
+        full[i, : len(x)] = x
+    never = np.asarray(decoding.greedy_decode(model, params, full, steps, eos_id=-1))
+    eos_id = int(np.bincount(never[:, 2]).argmax())  # ends several rows at step 3
+    vocabulary = _IdVocabulary()
+    vocabulary.eos_id = eos_id
+    todays = [
+        evaluation.decode_text(vocabulary, row, eos_id)
+        for row in np.asarray(decoding.greedy_decode(model, params, full, steps, eos_id))
+    ]
+    assert any(len(t.split()) < steps for t in todays)
+    fast = evaluation.decode_batches(
+        model,
+        params,
+        Partitioner(devices=jax.devices()[:1]),
+        vocabulary,
+        inputs,
+        inputs_length,
+        4,
+        steps,
+    )
+    assert fast == todays
+
+
+def test_padded_lengths_are_powers_of_two_within_the_input_length():
+    assert [evaluation.padded_length(n, 512) for n in (1, 32, 33, 100, 300, 600)] == [
+        32,
+        32,
+        64,
+        128,
+        512,
+        512,
+    ]
+    batches = list(evaluation.length_sorted_batches([[5] * 40, [5] * 3, [5] * 20], 128, 2))
+    assert [list(p) for p, _ in batches] == [[1, 2], [0]]
+    assert [t.shape for _, t in batches] == [(2, 32), (2, 64)]
