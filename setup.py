@@ -29,7 +29,11 @@ setup(
         "matplotlib==3.11.2",
     ],
     extras_require={
+        # Compiles for TPU slices on any host (python -m dsbs_jax.aot); the libtpu jax pins.
+        "tpu": ["libtpu==0.0.42.1"],
         "test": [
+            "libtpu==0.0.42.1",
+            "gcp-storage-emulator==2026.7.19",
             "pytest>=8",
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",
