@@ -261,6 +261,7 @@ def train(
 
     state, start_step = student.state, 0
     if resuming:
+        checkpoint_import.check_resumable(str(model_dir_path), student.config)
         state, data = checkpointer.restore(abstract_like(state))
         start_step = int(state.step)
         if data.get("seed") != random_seed:
