@@ -38,8 +38,13 @@ _MASKED = -1e10
 _EMBED_AXES = ("batch", "length", "embed")
 
 # What each `remat_policy` saves for the backward pass; "none" is not rematerialised at all.
+# "minimal": the dots without batch dimensions, i.e. the dense layers' outputs (bfloat16 ones
+# come out of a custom VJP, which policies cannot look into, under the name DENSE_OUTPUT).
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "minimal": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(mixed_precision.DENSE_OUTPUT),
+    ),
     "full": None,  # saves nothing: the whole layer runs again
 }
 # Where scanned parameters hold their "layers" axis (t5x's `param_scan_axis`).
