@@ -33,7 +33,9 @@ setup(
         "tpu": ["libtpu==0.0.42.1"],
         "test": [
             "libtpu==0.0.42.1",
+            # gs:// MODEL_DIR tests: a GCS emulator on loopback, reached by epath through gcsfs.
             "gcp-storage-emulator==2026.7.19",
+            "gcsfs==2026.10.1",
             "pytest>=8",
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",

@@ -74,9 +74,10 @@ def parse_topology(name: str) -> tuple[str, str]:
     if match:
         generation = _SLICE_GENERATIONS[match[1]]
         count = int(match[2])
-        chips = count // 2 if CHIPS[generation].megacore else count
-        shapes = _TOPOLOGY_3D if CHIPS[generation].megacore else _TOPOLOGY_2D
-        if chips not in shapes:
+        megacore = CHIPS[generation].megacore  # the name counts TensorCores, 2 a chip
+        chips = count // 2 if megacore else count
+        shapes = _TOPOLOGY_3D if megacore else _TOPOLOGY_2D
+        if chips not in shapes or (megacore and count % 2):
             raise ValueError(f"unknown slice size {name!r}; sizes: {sorted(shapes)} chips")
         return generation, f"{generation}:{shapes[chips]}"
     match = re.fullmatch(r"(v4|v5p|v5e|v6e):(\d+(?:x\d+)+)", name)
@@ -261,8 +262,17 @@ def rows_per_host(sharding: jax.sharding.NamedSharding, batch: int) -> int:
     return len(rows)
 
 
-def compile_for_topology(topology_name: str, json_path: str | None) -> dict[str, Any]:
-    """Compiles train, eval and decode steps for the slice; prints and returns the report."""
+PROGRAMS = ("train_step", "eval_step", "decode")
+
+
+def compile_for_topology(
+    topology_name: str, json_path: str | None, programs: Sequence[str] = PROGRAMS
+) -> dict[str, Any]:
+    """Compiles train, eval and decode steps (or those named) for the slice; prints and
+    returns the report."""
+    unknown = set(programs) - set(PROGRAMS)
+    if unknown:
+        raise ValueError(f"unknown programs {sorted(unknown)}; choose from {', '.join(PROGRAMS)}")
     generation, topology = parse_topology(topology_name)
     chip = CHIPS[generation]
     devices = topology_devices(generation, topology)
@@ -341,14 +351,16 @@ def compile_for_topology(topology_name: str, json_path: str | None) -> dict[str,
             eos_id=student.vocabulary.eos_id,
         )
 
-    programs = (
+    builders = (
         ("train_step", lower_train, model_flops(config, batch_size, *lengths.values(), True)),
         ("eval_step", lower_eval, model_flops(config, eval_batch_size, *lengths.values(), False)),
         ("decode", lower_decode, None),
     )
     reports = []
     with partitioner.activation_rules():
-        for name, lower, flops in programs:
+        for name, lower, flops in builders:
+            if name not in programs:
+                continue
             report = compile_program(name, lower, chip.hbm_bytes, chip.peak_bf16_flops, flops)
             for line in report.lines(len(devices), chip.peak_bf16_flops):
                 print(line, flush=True)
@@ -366,6 +378,11 @@ def _aot_flags(parser: argparse.ArgumentParser) -> None:
         help="TPU slice (v4-32, v5litepod-16, v5litepod-64, v5p-32, v6e-16) or topology (v5e:4x4)",
     )
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--programs",
+        default=",".join(PROGRAMS),
+        help=f"comma-separated programs to compile (default: {','.join(PROGRAMS)})",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -373,7 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A pod file turns on jax.distributed for the real slice; this host compiles alone.
     argv.append("--gin.initialize_distributed.auto_detect=False")
     return run(
-        lambda args: compile_for_topology(args.topology, args.json),
+        lambda args: compile_for_topology(
+            args.topology, args.json, [p for p in args.programs.split(",") if p]
+        ),
         argv,
         prog="python -m dsbs_jax.aot",
         description=__doc__,

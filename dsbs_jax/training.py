@@ -14,7 +14,6 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from dsbs_jax import checkpoint_import, evaluation, optimizers, trainer
 from dsbs_jax.checkpoints import Checkpointer
+from dsbs_jax.checkpoints import model_dir_path as model_dir_path_of
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
 from dsbs_jax.input_pipeline import train_batches
 from dsbs_jax.models.t5 import T5, T5Config, get_config
@@ -234,7 +234,7 @@ def train(
     orbax coordinates the checkpoint writes of all hosts. `use_hardware_rng` draws dropout
     masks with XLA's RngBitGenerator (see `trainer.dropout_key`).
     """
-    model_dir_path = Path(model_dir).expanduser()
+    model_dir_path = model_dir_path_of(model_dir)  # gs:// as given, else a local path
     is_host0 = jax.process_index() == 0
     if is_host0:
         model_dir_path.mkdir(parents=True, exist_ok=True)
