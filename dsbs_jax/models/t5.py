@@ -559,7 +559,7 @@ def _scan_step(config: T5Config, x: Array) -> Array | tuple[Array, None]:
 
 def _layer_stack(
     config: T5Config, layer: type[nn.Module], num_layers: int, static_argnums: tuple[int, ...]
-) -> Callable[[str], nn.Module]:
+) -> Callable[..., nn.Module]:
     """Makes a stack's layer modules by name: plain, rematerialised and/or one scan over all.
 
     `static_argnums` are the layer's Python-valued arguments (flags), counting `self` as 0;
