@@ -112,6 +112,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 ROWS = 2**14  # 16 MiB of float32: still being written when the kill comes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "gcs"])
 def test_kill_during_async_save_keeps_previous_checkpoint(where, gcs_env, tmp_path, request):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
