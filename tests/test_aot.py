@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,3 +130,15 @@ def test_tiny_train_step_memory_and_flops_match_the_shapes(gin_cache_root, tmp_p
     assert expected == report["model_flops"]
     # XLA counts the elementwise work too (softmax, GELU, loss, AdamW): a little above.
     assert 1.0 <= report["xla_flops_per_chip"] * 4 / expected <= 1.2
+
+
+def test_command_line_refuses_an_unknown_slice_in_one_line(capsys):
+    try:
+        status = aot.main(["--gin_file=runs/demo.gin", "--topology=v9-8"])
+    finally:
+        gin.clear_config()
+    assert status == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: unknown TPU topology 'v9-8'; give a slice (v4-32, v5p-32, v5litepod-16, v6e-16) "
+        "or a topology (v5e:4x4, v4:2x2x4)"
+    ]
