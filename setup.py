@@ -29,7 +29,13 @@ setup(
         "matplotlib==3.11.2",
     ],
     extras_require={
+        # Compiles for TPU slices on any host (python -m dsbs_jax.aot); the libtpu jax pins.
+        "tpu": ["libtpu==0.0.42.1"],
         "test": [
+            "libtpu==0.0.42.1",
+            # gs:// MODEL_DIR tests: a GCS emulator on loopback, reached by epath through gcsfs.
+            "gcp-storage-emulator==2026.7.19",
+            "gcsfs==2026.10.1",
             "pytest>=8",
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",

@@ -21,6 +21,11 @@ is gated (`wi_0`, `wi_1`) with an untied, unscaled `lm_head`; original T5 has on
 `logits_via_embedding`. transformers 5 always ties the weights in memory and records the scaling
 as `scale_decoder_outputs`; a T5 1.1 file it wrote may therefore lack `lm_head.weight`, which
 then means `shared.weight`.
+
+Checkpoints are read in the unscanned layout (`encoder/layers_<i>/...`, what Hugging Face and
+t5x write); a model with `scan_layers` gets each stack's layers stacked on its "layers" axis
+(`stack_layers`). Our own checkpoints may hold either layout and load into either model;
+`export_hf` writes unscanned.
 """
 
 from __future__ import annotations
@@ -40,9 +45,10 @@ import numpy as np
 import tensorstore as ts
 from etils import epath
 from flax import serialization, traverse_util
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dsbs_jax import t5x_checkpoints
-from dsbs_jax.models.t5 import T5, T5Config
+from dsbs_jax.models.t5 import PARAM_SCAN_AXIS, SCANNED_LAYERS, T5, T5Config
 
 if TYPE_CHECKING:
     from dsbs_jax.partitioning import Partitioner
@@ -112,6 +118,10 @@ _HF_PROJECTIONS = {"query": "q", "key": "k", "value": "v", "out": "o"}
 T5X_MSGPACK = "checkpoint"
 OURS_STATE = "state"
 _STEP_DIR = re.compile(r"checkpoint_(\d+)")
+
+# Layer parameters, unscanned ('encoder/layers_3/mlp/wo/kernel') and scanned ('encoder/layers/...').
+_LAYER_PARAM = re.compile(r"(encoder|decoder)/layers_(\d+)/(.+)")
+_SCANNED_PARAM = re.compile(rf"(encoder|decoder)/{SCANNED_LAYERS}/(.+)")
 
 
 class CheckpointImportError(ValueError):
@@ -241,6 +251,27 @@ def checkpoint_format(path: str) -> str:
     return _resolve(path)[0]
 
 
+def check_resumable(path: str, config: T5Config) -> None:
+    """Raises a one-line `CheckpointImportError` when our run at `path` cannot resume as `config`.
+
+    A train state restores only into the layer layout (scanned or not) it was saved in:
+    optimizer states such as Adafactor's factored moments have no per-layer equivalent. The
+    parameters themselves load into either layout (`load_params`).
+    """
+    kind, root = _resolve(path)
+    if kind != "ours":
+        return
+    stored_scanned = is_scanned(_orbax_shapes(root))
+    if stored_scanned != config.scan_layers:
+        stored = "scanned" if stored_scanned else "unscanned"
+        raise CheckpointImportError(
+            f"{path} holds {stored} layers but the model has scan_layers={config.scan_layers}: "
+            f"resume it with scan_layers={stored_scanned}, or start a new MODEL_DIR with "
+            f"initial_checkpoint_path={path} (its parameters load into either layout, its "
+            "optimizer state does not)"
+        )
+
+
 def checkpoint_config(path: str, **overrides: Any) -> T5Config:
     """The T5Config of the checkpoint at `path`: HF's config.json, else inferred from shapes."""
     kind, root = _resolve(path)
@@ -249,7 +280,7 @@ def checkpoint_config(path: str, **overrides: Any) -> T5Config:
     if kind == "t5x":
         shapes = {p: t.shape for p, t in _t5x_tensors(root).items()}
     else:
-        shapes = _orbax_shapes(root)
+        shapes = _unscanned_shapes(_orbax_shapes(root))
     return config_from_shapes(shapes, **overrides)
 
 
@@ -286,6 +317,106 @@ def param_shardings(config: T5Config, partitioner: Partitioner) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# Scanned and unscanned layouts
+# ---------------------------------------------------------------------------------------------
+
+
+def stack_layers(flat: Mapping[str, Any], stack: Callable[[list[Any]], Any]) -> dict[str, Any]:
+    """Unscanned flat parameters ('/'-joined paths) -> scanned: `stack` joins a stack's layers.
+
+    Leaves may be arrays, shapes, shardings or lazy tensors: `stack` gets one leaf per layer,
+    in layer order, and makes the scanned leaf. Other parameters pass through unchanged.
+    """
+    layers: dict[str, dict[int, Any]] = {}
+    out = {}
+    for path, leaf in flat.items():
+        match = _LAYER_PARAM.fullmatch(path)
+        if match:
+            scanned = f"{match[1]}/{SCANNED_LAYERS}/{match[3]}"
+            layers.setdefault(scanned, {})[int(match[2])] = leaf
+        else:
+            out[path] = leaf
+    for path, by_index in layers.items():
+        out[path] = stack([by_index[i] for i in range(len(by_index))])
+    return out
+
+
+def unstack_layers(flat: Mapping[str, Any], unstack: Callable[[Any], list[Any]]) -> dict[str, Any]:
+    """Scanned flat parameters -> unscanned: `unstack` splits a leaf into its layers' leaves."""
+    out = {}
+    for path, leaf in flat.items():
+        match = _SCANNED_PARAM.fullmatch(path)
+        if match:
+            for index, part in enumerate(unstack(leaf)):
+                out[f"{match[1]}/layers_{index}/{match[2]}"] = part
+        else:
+            out[path] = leaf
+    return out
+
+
+def is_scanned(paths: Any) -> bool:
+    """Whether parameter paths are in the scanned layout."""
+    return any(_SCANNED_PARAM.fullmatch(path) for path in paths)
+
+
+def _stacked_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    return (*shapes[0][:PARAM_SCAN_AXIS], len(shapes), *shapes[0][PARAM_SCAN_AXIS:])
+
+
+def _unstacked_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    layer = (*shape[:PARAM_SCAN_AXIS], *shape[PARAM_SCAN_AXIS + 1 :])
+    return [layer] * shape[PARAM_SCAN_AXIS]
+
+
+def _unscanned_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    return unstack_layers(shapes, _unstacked_shapes)
+
+
+def _stacked_sharding(shardings: list[NamedSharding]) -> NamedSharding:
+    """A layer's sharding with the (replicated) "layers" axis inserted."""
+    spec = tuple(shardings[0].spec)
+    if len(spec) > PARAM_SCAN_AXIS:
+        spec = (*spec[:PARAM_SCAN_AXIS], None, *spec[PARAM_SCAN_AXIS:])
+    return NamedSharding(shardings[0].mesh, PartitionSpec(*spec))
+
+
+def _unstacked_sharding(sharding: NamedSharding) -> NamedSharding:
+    """A scanned parameter's sharding without its "layers" axis: one layer's."""
+    spec = tuple(sharding.spec)
+    if len(spec) > PARAM_SCAN_AXIS:
+        spec = (*spec[:PARAM_SCAN_AXIS], *spec[PARAM_SCAN_AXIS + 1 :])
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
+_Layout = tuple[tuple[int, ...], NamedSharding]  # a parameter's shape and sharding
+
+
+def _stacked_layout(layers: list[_Layout]) -> _Layout:
+    return _stacked_shape([shape for shape, _ in layers]), _stacked_sharding([layers[0][1]])
+
+
+def _unstacked_layout(layout: _Layout) -> list[_Layout]:
+    shape, sharding = layout
+    return [(layer, _unstacked_sharding(sharding)) for layer in _unstacked_shapes(shape)]
+
+
+def _stacked_tensor(layers: list[_Tensor]) -> _Tensor:
+    """Per-layer checkpoint arrays seen as one scanned array; a slice reads only its layers."""
+    first = layers[0]
+
+    def read(index: Index) -> np.ndarray:
+        layer_index = (*index[:PARAM_SCAN_AXIS], *index[PARAM_SCAN_AXIS + 1 :])
+        parts = [layers[i].read(layer_index) for i in range(len(layers))[index[PARAM_SCAN_AXIS]]]
+        return np.stack([np.asarray(part) for part in parts], axis=PARAM_SCAN_AXIS)
+
+    return _Tensor(first.name, _stacked_shape([t.shape for t in layers]), read)
+
+
+def _unscanned(config: T5Config) -> T5Config:
+    return dataclasses.replace(config, scan_layers=False)
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
 
@@ -294,22 +425,25 @@ def load_params(path: str, config: T5Config, shardings: Any) -> dict[str, Any]:
     """Reads the pretrained T5 at `path` into our parameter tree, placed by `shardings`.
 
     `path` is a Hugging Face T5 directory, a t5x checkpoint directory (`gs://` works) or one of
-    ours; a directory of `checkpoint_<step>` subdirectories means its latest step. Arrays are
-    cast to `config.param_dtype`. Raises `CheckpointImportError` naming every missing,
-    unexpected or misshaped parameter and a vocabulary-size mismatch.
+    ours (scanned or not); a directory of `checkpoint_<step>` subdirectories means its latest
+    step. Arrays are cast to `config.param_dtype` and stacked or unstacked to `config`'s layout.
+    Raises `CheckpointImportError` naming every missing, unexpected or misshaped parameter (in
+    the unscanned layout) and a vocabulary-size mismatch.
     """
     kind, root = _resolve(path)
     expected = param_shapes(config)
     placement = traverse_util.flatten_dict(shardings, sep="/")
     if placement.keys() != expected.keys():
         raise ValueError("`shardings` does not match the parameters of `config`")
+    layer_shapes = param_shapes(_unscanned(config))
     dtype = jnp.dtype(config.param_dtype)
     if kind == "ours":
-        _check(path, _orbax_shapes(root), expected, str, _never)
-        return _restore_orbax(root, expected, shardings, dtype)
+        stored = _orbax_shapes(root)
+        _check(path, _unscanned_shapes(stored), layer_shapes, str, _never)
+        return _restore_orbax_as(root, is_scanned(stored), config, placement, dtype)
     with contextlib.ExitStack() as stack:
         if kind == "hf":
-            tensors = _hf_tensors(root, expected, config.logits_via_embedding, stack)
+            tensors = _hf_tensors(root, layer_shapes, config.logits_via_embedding, stack)
             naming, transposed = _hf_name, _hf_transposed
         else:
             tensors, naming, transposed = _t5x_tensors(root), str, _never
@@ -317,7 +451,9 @@ def load_params(path: str, config: T5Config, shardings: Any) -> dict[str, Any]:
         def label(p: str) -> str:
             return tensors[p].name if p in tensors else naming(p)
 
-        _check(path, {p: t.shape for p, t in tensors.items()}, expected, label, transposed)
+        _check(path, {p: t.shape for p, t in tensors.items()}, layer_shapes, label, transposed)
+        if config.scan_layers:
+            tensors = stack_layers({p: tensors[p] for p in layer_shapes}, _stacked_tensor)
         arrays = {p: _place(tensors[p], expected[p], placement[p], dtype) for p in expected}
     return traverse_util.unflatten_dict(arrays, sep="/")
 
@@ -588,15 +724,56 @@ def _orbax_shapes(root: epath.Path) -> dict[str, tuple[int, ...]]:
     return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
 
-def _restore_orbax(
-    root: epath.Path, expected: Mapping[str, tuple[int, ...]], shardings: Any, dtype: Any
+def _restore_orbax_as(
+    root: epath.Path,
+    stored_scanned: bool,
+    config: T5Config,
+    placement: Mapping[str, NamedSharding],
+    dtype: Any,
 ) -> dict[str, Any]:
-    """Restores only the parameters (not step nor optimizer state), each device its slice."""
+    """Restores our `params` in `config`'s layout, whichever layout the checkpoint holds.
+
+    Across the switch, each device restores its slices in the stored layout (the model's
+    shardings less or plus the replicated "layers" axis), then one jitted stack or split makes
+    the model's layout, placed by `placement`.
+    """
+    expected = param_shapes(config)
+    layout = {path: (expected[path], placement[path]) for path in expected}
+    if stored_scanned == config.scan_layers:
+        stored = layout
+    elif config.scan_layers:
+        stored = unstack_layers(layout, _unstacked_layout)
+    else:
+        stored = stack_layers(layout, _stacked_layout)
+    restored = _restore_orbax(root, stored, dtype)
+    if stored_scanned != config.scan_layers:
+        if config.scan_layers:
+
+            def convert(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
+                return stack_layers(flat, lambda xs: jnp.stack(xs, axis=PARAM_SCAN_AXIS))
+        else:
+
+            def convert(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
+                return unstack_layers(flat, _split_layers)
+
+        restored = jax.jit(convert, out_shardings=dict(placement))(restored)
+    return traverse_util.unflatten_dict(restored, sep="/")
+
+
+def _split_layers(stacked: Any) -> list[Any]:
+    """A scanned array's layers (NumPy or JAX)."""
+    count = stacked.shape[PARAM_SCAN_AXIS]
+    return [stacked.take(i, axis=PARAM_SCAN_AXIS) for i in range(count)]
+
+
+def _restore_orbax(
+    root: epath.Path, layout: Mapping[str, _Layout], dtype: Any
+) -> dict[str, jax.Array]:
+    """Restores only `params` (not step nor optimizer state), each device its slice; flat."""
     import orbax.checkpoint as ocp
 
-    placement = traverse_util.flatten_dict(shardings, sep="/")
     abstract = traverse_util.unflatten_dict(
-        {p: jax.ShapeDtypeStruct(expected[p], dtype, sharding=s) for p, s in placement.items()},
+        {p: jax.ShapeDtypeStruct(shape, dtype, sharding=s) for p, (shape, s) in layout.items()},
         sep="/",
     )
     checkpointer = ocp.PyTreeCheckpointer()
@@ -610,7 +787,7 @@ def _restore_orbax(
             partial_restore=True,
         ),
     )
-    return restored[key]
+    return traverse_util.flatten_dict(restored[key], sep="/")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,7 +807,9 @@ def export_hf(params: Any, config: T5Config, out_dir: str) -> Path:
     tensors = {}
     for path, leaf in traverse_util.flatten_dict(params, sep="/").items():
         array = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-        tensors[_hf_name(path)] = np.ascontiguousarray(array.T if _hf_transposed(path) else array)
+        for layer_path, layer in unstack_layers({path: array}, _split_layers).items():
+            hf_array = layer.T if _hf_transposed(layer_path) else layer
+            tensors[_hf_name(layer_path)] = np.ascontiguousarray(hf_array)
     out = Path(out_dir)
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,16 @@ checkpoint is older than the N most recent. Each checkpoint holds two items:
 step) and ``data`` (a small JSON dict: the data iterator position).
 
 Saving is synchronous by default, so once ``save`` returns the checkpoint is
-complete on disk. orbax writes each checkpoint into a temporary directory and
-renames it when done, so an interrupted save never leaves a directory that looks
-like a finished checkpoint; such leftovers are ignored and removed on reopening.
+complete on disk. With ``async_save`` (what training uses: runs/base.gin), ``save``
+returns once the arrays are copied to host memory and the write goes on in the
+background while training continues; the next save, a restore and ``close`` wait
+for it. orbax writes each checkpoint into a temporary directory and renames it
+when done (on gs://, where there is no rename, it marks the checkpoint complete
+last), so an interrupted save, even one killed mid-write, never leaves a
+directory that looks like a finished checkpoint; such leftovers are ignored and
+removed on reopening, and the previous checkpoint is where a rerun resumes.
+
+MODEL_DIR may be a gs:// URL, as on Cloud TPU VMs: orbax writes it natively.
 
 Restoring checks the saved tree structure and shapes against the model first and
 raises :class:`IncompatibleCheckpointError` with one readable message, instead of
@@ -31,6 +38,7 @@ from typing import Any
 import gin
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
@@ -40,6 +48,17 @@ BEST_SUBDIR = "best"
 # so a Checkpointer opened for inference finds the best without knowing the metric's name.
 BEST_VALUE_KEY = "best_metric_value"
 _MAX_REPORTED_MISMATCHES = 3
+
+
+def model_dir_path(model_dir: str | os.PathLike) -> epath.Path:
+    """MODEL_DIR as a path orbax can write: gs:// (or another URL) as given, else absolute.
+
+    orbax writes gs:// natively: its files through `etils.epath` (TensorFlow's GCS file system),
+    its arrays through TensorStore's GCS driver.
+    """
+    if "://" in os.fspath(model_dir):
+        return epath.Path(model_dir)
+    return epath.Path(Path(model_dir).expanduser().absolute())  # orbax needs absolute paths
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -120,7 +139,7 @@ class Checkpointer:
             raise ValueError(f"period and keep must be >= 1, got period={period}, keep={keep}")
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-        self.model_dir = Path(model_dir).expanduser().absolute()  # orbax needs absolute paths
+        self.model_dir = model_dir_path(model_dir)
         self.period = period
         self.best_metric = best_metric
         self.best_mode = best_mode
@@ -148,14 +167,20 @@ class Checkpointer:
             if saved:
                 self._best_value = float(saved[BEST_VALUE_KEY])
 
-    @staticmethod
-    def _options(max_to_keep: int, async_save: bool, **kwargs: Any) -> ocp.CheckpointManagerOptions:
-        """Options shared by both managers; leftover temp dirs are removed on opening."""
+    def _options(
+        self, max_to_keep: int, async_save: bool, **kwargs: Any
+    ) -> ocp.CheckpointManagerOptions:
+        """Options shared by both managers; local leftover temp dirs are removed on opening.
+
+        Not on gs://: there orbax takes every folder without its commit marker for an
+        unfinished save, MODEL_DIR/best and the TensorBoard folders included. Unfinished
+        saves there are skipped when reading and written over when the step is saved again.
+        """
         return ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             step_prefix=STEP_PREFIX,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories="://" not in os.fspath(self.model_dir),
             **kwargs,
         )
 
@@ -215,6 +240,7 @@ class Checkpointer:
         """
         if best and self._best is None:
             raise ValueError("restore(best=True) needs a Checkpointer with keep_best=True")
+        self.wait_until_finished()
         manager = self._best if best else self._recent
         if step is None:
             step = manager.best_step() if best else manager.latest_step()

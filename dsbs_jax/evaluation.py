@@ -126,7 +126,7 @@ def label_evaluation(
 
 
 def metric_key(split: str, task_name: str, metric: str, mode: str) -> str:
-    """'validation/dsbs_cqa_label_llm/accuracy' for generated labels, '.../score/accuracy' scored."""
+    """'validation/dsbs_cqa_label_llm/accuracy' when generated, '.../score/accuracy' when scored."""
     return (
         f"{split}/{task_name}/{metric}"
         if mode == "generate"

@@ -186,15 +186,22 @@ def check_macros_used(names: Iterable[str]) -> None:
 
 
 def run(
-    main: Callable[[], object],
+    main: Callable[..., object],
     argv: Sequence[str] | None,
     prog: str,
     description: str,
     extra_errors: tuple[type[BaseException], ...] = (),
+    add_flags: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
-    """Parses flags and gin, sets up multi-host JAX, runs `main`; one clear line per failure."""
+    """Parses flags and gin, sets up multi-host JAX, runs `main`; one clear line per failure.
+
+    `add_flags` adds a program's own flags to the common ones; `main` then gets the parsed
+    flags as its argument.
+    """
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser(prog, description)
+    if add_flags is not None:
+        add_flags(parser)
     try:
         gin_flags, rest = split_gin_flags(argv)
     except ValueError as e:
@@ -212,7 +219,7 @@ def run(
         return EXIT_BAD_INPUT
     initialize_distributed(args.coordinator_address, args.process_count, args.process_index)
     try:
-        main()
+        main(args) if add_flags is not None else main()
     except (*USER_ERRORS, *extra_errors) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -2,9 +2,10 @@
 
 t5x cannot be installed, and its partitioner is built on APIs current JAX deprecates
 (`jax.experimental.pjit`, `with Mesh(...)`, `jax.interpreters.pxla`). This module gives the same
-layout with today's APIs: a 2-D ("data", "model") `jax.sharding.Mesh`, t5x's 1-D logical axis
-rules resolved by flax (`nn.logical_to_mesh_sharding`), `jax.jit` with `in_shardings` /
-`out_shardings`, and global `jax.Array`s built from each host's part of the batch.
+layout with today's APIs: a 2-D ("data", "model") `jax.sharding.Mesh`, t5x's logical axis rules
+(`standard_logical_axis_rules`, 1-D or 2-D) resolved by flax (`nn.logical_to_mesh_sharding`),
+`jax.jit` with `in_shardings` / `out_shardings`, and global `jax.Array`s built from each host's
+part of the batch.
 
 Pitfalls this module takes care of:
 
@@ -21,15 +22,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import gin
 import jax
 import numpy as np
-import seqio
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+if TYPE_CHECKING:
+    import seqio
 
 LogicalAxisRules = Sequence[tuple[str, str | None]]
 
@@ -49,6 +52,33 @@ STANDARD_LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("stack", None),
     ("mlp_activations", None),
 )
+
+
+def standard_logical_axis_rules(
+    activation_partitioning_dims: int = 1, parameter_partitioning_dims: int = 1
+) -> tuple[tuple[str, str | None], ...]:
+    """t5x's `standard_logical_axis_rules`: the 1-D rules, with "embed" split when asked.
+
+    flax gives each axis of an array the first rule whose mesh axis that array does not use yet,
+    so one rule list shards parameters and activations differently. `parameter_partitioning_dims`
+    2 adds ("embed", "data"): a kernel's "embed" axis (its other axis already on "model") and
+    the embedding go over "data", ZeRO-3 style, while activations' "embed" stays whole because
+    their "batch" holds "data". `activation_partitioning_dims` 2 puts ("embed", "model") first:
+    activations [batch, length, embed] split "embed" over "model", kernels keep theirs on
+    "data" (2-D parameters) or whole, and 1-D parameters such as norm scales go over "model".
+    """
+    dims = (activation_partitioning_dims, parameter_partitioning_dims)
+    if not set(dims) <= {1, 2}:
+        raise ValueError(
+            f"activation_partitioning_dims={activation_partitioning_dims} and "
+            f"parameter_partitioning_dims={parameter_partitioning_dims}: each must be 1 or 2"
+        )
+    if dims == (1, 1):
+        return STANDARD_LOGICAL_AXIS_RULES
+    embed_rules = (("embed", "model"),) if activation_partitioning_dims == 2 else ()
+    embed_rules += (("embed", "data"),) if parameter_partitioning_dims == 2 else ()
+    split = tuple(rule for rule in STANDARD_LOGICAL_AXIS_RULES if rule[0] != "embed")
+    return split[:5] + embed_rules + split[5:]
 
 
 def param_keys(path: Sequence[Any]) -> tuple[str, ...]:
@@ -93,21 +123,29 @@ class Partitioner:
     """A ("data", "model") mesh over all global devices plus t5x's logical-axis rules.
 
     `num_partitions` is the model-parallel size (t5x's `num_partitions`); the rest of the devices
-    form the data-parallel axis. In multi-process runs every host feeds its own rows of the
-    batch, so the model axis must stay within one host.
+    form the data-parallel axis. The rules are t5x's `standard_logical_axis_rules` for
+    `activation_partitioning_dims` and `parameter_partitioning_dims` unless `logical_axis_rules`
+    gives others. The model axis may span hosts: every host feeds the rows its devices hold
+    (`host_rows`), and hosts that hold the same rows feed the same ones.
     """
 
     def __init__(
         self,
         num_partitions: int = 1,
-        logical_axis_rules: LogicalAxisRules = STANDARD_LOGICAL_AXIS_RULES,
+        logical_axis_rules: LogicalAxisRules | None = None,
         devices: Sequence[jax.Device] | None = None,
+        activation_partitioning_dims: int = 1,
+        parameter_partitioning_dims: int = 1,
     ) -> None:
         devices = list(jax.devices() if devices is None else devices)
         if num_partitions < 1 or len(devices) % num_partitions:
             raise ValueError(
                 f"num_partitions={num_partitions} must be a positive divisor of the number of "
                 f"devices ({len(devices)})"
+            )
+        if logical_axis_rules is None:
+            logical_axis_rules = standard_logical_axis_rules(
+                activation_partitioning_dims, parameter_partitioning_dims
             )
         self.num_partitions = num_partitions
         self.logical_axis_rules = tuple(logical_axis_rules)
@@ -118,12 +156,6 @@ class Partitioner:
             axis_types=(AxisType.Auto,) * 2,
             devices=devices,
         )
-        for row in self.mesh.devices:
-            if len({device.process_index for device in row}) > 1:
-                raise ValueError(
-                    f"num_partitions={num_partitions} spans several processes; it must divide "
-                    f"the local device count ({jax.local_device_count()})"
-                )
 
     @property
     def data_sharding(self) -> NamedSharding:
@@ -207,6 +239,21 @@ class Partitioner:
             for name, value in host_local_batch.items()
         }
 
+    def data_shard(self) -> tuple[int, int]:
+        """(index, count) of this host's shard of the input: one per distinct block of rows.
+
+        Hosts whose devices hold the same rows (a model axis across hosts) read the same shard,
+        as t5x's data layout does, so they feed identical rows.
+        """
+        data_size = self.mesh.shape["data"]
+        rows = self.host_rows(data_size)
+        if not np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
+            raise ValueError(f"this host feeds non-contiguous rows {rows} of the data axis")
+        return int(rows[0]) // len(rows), data_size // len(rows)
+
     def data_shard_info(self) -> seqio.ShardInfo:
-        """This host's shard of the input files: one shard per process."""
-        return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+        """`data_shard` as seqio's ShardInfo (seqio, which loads TensorFlow, is imported here)."""
+        import seqio
+
+        index, num_shards = self.data_shard()
+        return seqio.ShardInfo(index=index, num_shards=num_shards)

@@ -13,11 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import tensorflow as tf
+from etils import epath
 
 
 class MetricsWriter:
-    def __init__(self, model_dir: str | Path, enabled: bool = True) -> None:
-        self._dir = Path(model_dir)
+    def __init__(self, model_dir: str | Path | epath.Path, enabled: bool = True) -> None:
+        self._dir = epath.Path(model_dir)  # a gs:// MODEL_DIR too
         self._enabled = enabled
         self._writers: dict[str, tf.summary.SummaryWriter] = {}
 

@@ -15,9 +15,9 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,8 @@ from tqdm import tqdm
 
 from dsbs_jax import checkpoint_import, evaluation, optimizers, trainer
 from dsbs_jax.checkpoints import Checkpointer
+from dsbs_jax.checkpoints import model_dir_path as model_dir_path_of
+from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
 from dsbs_jax.data.run_inputs import ensure_run_inputs
 from dsbs_jax.early_stopping import MetricHistory, early_stopping
 from dsbs_jax.input_pipeline import train_batches
@@ -116,13 +118,20 @@ class Student:
         train_steps: int,
         seed: int,
         initial_checkpoint_path: str | None = None,
+        devices: Sequence[jax.Device] | None = None,
+        abstract: bool = False,
     ) -> None:
         """Parameters start random (seeded), or from a pretrained checkpoint when a path is
-        given: Hugging Face, t5x or ours (see `dsbs_jax.checkpoint_import`)."""
+        given: Hugging Face, t5x or ours (see `dsbs_jax.checkpoint_import`).
+
+        `devices` (default: all) are the mesh's; `abstract` makes `state` shapes, dtypes and
+        shardings only (`jax.ShapeDtypeStruct`s, nothing allocated), which is what compiling
+        ahead of time for devices this host does not have needs (see `dsbs_jax.aot`).
+        """
         self.vocabulary = _task_vocabulary(mixture_or_task_name)
         self.config = build_model_config(model_config, self.vocabulary)
         self.model = T5(self.config)
-        self.partitioner = Partitioner()
+        self.partitioner = Partitioner(devices=devices)
         self.optimizer = optimizers.make_optimizer(train_steps)
         lengths = task_feature_lengths
 
@@ -131,7 +140,9 @@ class Student:
             decoder = jnp.ones((1, lengths["targets"]), jnp.int32)
             return self.model.init(rng, encoder, decoder, enable_dropout=False)["params"]
 
-        if initial_checkpoint_path:
+        if abstract:
+            params = _abstract_sharded(self.partitioner, init_params, jax.random.key(seed))
+        elif initial_checkpoint_path:
             shardings = checkpoint_import.param_shardings(self.config, self.partitioner)
             params = checkpoint_import.load_params(initial_checkpoint_path, self.config, shardings)
         else:
@@ -140,11 +151,61 @@ class Student:
         def init_state(params: Any) -> trainer.TrainState:
             return trainer.init_state(params, self.optimizer)
 
-        self.state_shardings = self.partitioner.state_shardings(
-            jax.eval_shape(init_state, params), params
+        abstract_state = jax.eval_shape(init_state, params)
+        self.state_shardings = self.partitioner.state_shardings(abstract_state, params)
+        if abstract:
+            self.state = jax.tree.map(_with_sharding, abstract_state, self.state_shardings)
+        else:
+            with self.partitioner.activation_rules():
+                self.state = jax.jit(init_state, out_shardings=self.state_shardings)(params)
+
+
+def _with_sharding(leaf: Any, sharding: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+
+def _abstract_sharded(partitioner: Partitioner, init_fn: Any, *args: Any) -> Any:
+    """What `partitioner.init_sharded(init_fn, *args)` makes, as sharded ShapeDtypeStructs."""
+    with partitioner.activation_rules():
+        boxed = jax.eval_shape(init_fn, *args)
+        shardings = partitioner.logical_to_sharding(nn.get_partition_spec(boxed))
+    return jax.tree.map(_with_sharding, nn.unbox(boxed), shardings)
+
+
+def jit_train_step(
+    student: Student, num_microbatches: int, label_smoothing: float, z_loss: float
+) -> Any:
+    """The jitted train step with its shardings; trace it inside `activation_rules()`."""
+    partitioner = student.partitioner
+    return jax.jit(
+        trainer.make_train_step(
+            student.model, student.optimizer, num_microbatches, label_smoothing, z_loss
+        ),
+        in_shardings=(student.state_shardings, partitioner.data_sharding, partitioner.replicated),
+        out_shardings=(student.state_shardings, partitioner.replicated),
+        donate_argnums=(0,),
+    )
+
+
+def jit_eval_step(student: Student, label_smoothing: float, z_loss: float) -> Any:
+    """The jitted teacher-forced eval step; its inputs' shardings place it."""
+    return jax.jit(trainer.make_eval_step(student.model, label_smoothing, z_loss))
+
+
+def batch_spec(
+    task_feature_lengths: Mapping[str, int], batch_rows: int, pack: bool
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of the model features of a batch the input pipeline yields."""
+    converter = StepByStepFeatureConverter(pack=pack)
+    lengths = converter.get_model_feature_lengths(task_feature_lengths)
+    specs = converter.MODEL_FEATURES
+    return {
+        name: jax.ShapeDtypeStruct(
+            (batch_rows, length),
+            specs[name].dtype.as_numpy_dtype if name in specs else np.int32,
         )
-        with self.partitioner.activation_rules():
-            self.state = jax.jit(init_state, out_shardings=self.state_shardings)(params)
+        for name, length in lengths.items()
+    }
 
 
 @gin.configurable
@@ -183,7 +244,7 @@ def train(
     gin sets `early_stopping.patience` and the validation metric stops improving.
     """
     ensure_run_inputs(mixture_or_task_name)
-    model_dir_path = Path(model_dir).expanduser()
+    model_dir_path = model_dir_path_of(model_dir)  # gs:// as given, else a local path
     is_host0 = jax.process_index() == 0
     if is_host0:
         model_dir_path.mkdir(parents=True, exist_ok=True)
@@ -210,6 +271,7 @@ def train(
 
     state, start_step, data = student.state, 0, {}
     if resuming:
+        checkpoint_import.check_resumable(str(model_dir_path), student.config)
         state, data = checkpointer.restore(abstract_like(state))
         start_step = int(state.step)
         if data.get("seed") != random_seed:
@@ -221,19 +283,8 @@ def train(
     history = MetricHistory(early_stopping(best_metric), data.get("metric_history", ()))
 
     with partitioner.activation_rules():
-        train_step = jax.jit(
-            trainer.make_train_step(
-                student.model, student.optimizer, num_microbatches, label_smoothing, z_loss
-            ),
-            in_shardings=(
-                student.state_shardings,
-                partitioner.data_sharding,
-                partitioner.replicated,
-            ),
-            out_shardings=(student.state_shardings, partitioner.replicated),
-            donate_argnums=(0,),
-        )
-        eval_step = jax.jit(trainer.make_eval_step(student.model, label_smoothing, z_loss))
+        train_step = jit_train_step(student, num_microbatches, label_smoothing, z_loss)
+        eval_step = jit_eval_step(student, label_smoothing, z_loss)
         evaluate = SplitEvaluator(
             student,
             eval_step,

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
@@ -16,6 +24,7 @@ from dsbs_jax.partitioning import (
     STANDARD_LOGICAL_AXIS_RULES,
     Partitioner,
     initialize_distributed,
+    standard_logical_axis_rules,
 )
 
 # Every model-parallel dimension (vocab 64, heads 4, joined_kv 32, mlp 64) divides by 4.
@@ -243,3 +252,179 @@ def test_host_rows_single_process():
     np.testing.assert_array_equal(partitioner.host_slice(batch)["tokens"], batch["tokens"])
     with pytest.raises(ValueError, match="not divisible by the data-parallel size 4"):
         partitioner.host_rows(6)
+
+
+# ---------------------------------------------------------------------------------------------
+# t5x's 2-D rules
+# ---------------------------------------------------------------------------------------------
+
+
+def _mesh_specs(rules, logical: dict) -> dict:
+    return {name: nn.logical_to_mesh_axes(spec, rules) for name, spec in logical.items()}
+
+
+# A kernel, the embedding, a norm scale, a scanned kernel and two activations.
+LOGICAL = {
+    "wi": P("embed", "mlp"),
+    "embedding": P("vocab", "embed"),
+    "scale": P("embed"),
+    "scanned_wo": P("mlp", "layers", "embed"),
+    "residual": P("batch", "length", "embed"),
+    "hidden": P("batch", "length", "mlp"),
+}
+
+
+@pytest.mark.parametrize(
+    "dims, want",
+    [
+        (
+            (1, 1),
+            dict(
+                wi=P(None, "model"),
+                embedding=P("model", None),
+                scale=P(None),
+                scanned_wo=P("model", None, None),
+                residual=P("data", None, None),
+            ),
+        ),
+        (  # parameters' embed over "data" (ZeRO-3 style); activations unchanged
+            (1, 2),
+            dict(
+                wi=P("data", "model"),
+                embedding=P("model", "data"),
+                scale=P("data"),
+                scanned_wo=P("model", None, "data"),
+                residual=P("data", None, None),
+            ),
+        ),
+        (  # activations' embed over "model"; kernels' embed stays whole
+            (2, 1),
+            dict(
+                wi=P(None, "model"),
+                embedding=P("model", None),
+                scale=P("model"),
+                scanned_wo=P("model", None, None),
+                residual=P("data", None, "model"),
+            ),
+        ),
+        (
+            (2, 2),
+            dict(
+                wi=P("data", "model"),
+                embedding=P("model", "data"),
+                scale=P("model"),
+                scanned_wo=P("model", None, "data"),
+                residual=P("data", None, "model"),
+            ),
+        ),
+    ],
+)
+def test_standard_rules_follow_t5x(dims, want):
+    rules = standard_logical_axis_rules(*dims)
+    got = _mesh_specs(rules, LOGICAL)
+    assert got["hidden"] == P("data", None, "model")
+    assert {k: got[k] for k in want} == want
+
+
+def test_standard_rules_refuse_other_dims():
+    with pytest.raises(ValueError, match="each must be 1 or 2"):
+        standard_logical_axis_rules(3, 1)
+
+
+def test_partitioning_dims_are_gin_settable():
+    with gin.unlock_config():
+        gin.parse_config(
+            "Partitioner.parameter_partitioning_dims = 2\n"
+            "Partitioner.activation_partitioning_dims = 2"
+        )
+    try:
+        assert Partitioner().logical_axis_rules == standard_logical_axis_rules(2, 2)
+    finally:
+        gin.clear_config()
+    assert Partitioner().logical_axis_rules == STANDARD_LOGICAL_AXIS_RULES
+
+
+def test_optimizer_state_is_sharded_like_its_parameters(init_fn, init_args):
+    """With 2-D parameters, AdamW's moments are split over "data" and "model" as well.
+
+    Shapes and shardings only (nothing is compiled): `state_shardings` is what training jits
+    the optimizer's init with.
+    """
+    partitioner = Partitioner(2, parameter_partitioning_dims=2)
+    with partitioner.activation_rules():
+        boxed = jax.eval_shape(init_fn, *init_args)["params"]
+        shardings = partitioner.logical_to_sharding(nn.get_partition_spec(boxed))
+    params = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings
+    )
+    optimizer = optax.adamw(1e-3)
+    state = partitioner.state_shardings(jax.eval_shape(optimizer.init, params), params)
+    kernel = params["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
+    assert kernel.sharding.spec == P("data", "model")
+    assert kernel.sharding.shard_shape(kernel.shape) == (EMB // 4, MLP // 2)
+    for moments in (state[0].mu, state[0].nu):
+        jax.tree.map(lambda m, p: assert_same_sharding(m, p.sharding, p.ndim), moments, params)
+
+
+def assert_same_sharding(got, want, ndim: int) -> None:
+    assert got.is_equivalent_to(want, ndim), (got, want)
+
+
+def test_data_shard_info_counts_distinct_row_blocks():
+    info = Partitioner(8).data_shard_info()  # one data shard: every device holds every row
+    assert (info.index, info.num_shards) == (0, 1)
+
+
+# Each of 4 single-device processes reports what it feeds on a (2, 2) mesh, whose model axis
+# spans two processes, and the sum of squares of the global batch built from its rows.
+_HOST_WORKER = """
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], num_processes=4, process_id=int(sys.argv[2]))
+import numpy as np
+from dsbs_jax.partitioning import Partitioner
+partitioner = Partitioner(2, parameter_partitioning_dims=2)
+batch = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+rows = partitioner.host_rows(8)
+shard = partitioner.data_shard()
+array = partitioner.shard_batch({"x": batch[rows]})["x"]
+total = jax.jit(lambda x: (x * x).sum(), out_shardings=partitioner.replicated)(array)
+print(json.dumps(dict(rows=rows.tolist(), shard=list(shard),
+                      total=float(total), shape=list(array.shape))))
+"""
+
+
+def test_model_axis_across_hosts_feeds_the_rows_each_host_holds():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    }
+    running = [
+        subprocess.Popen(
+            [sys.executable, "-c", _HOST_WORKER, address, str(index)],
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(4)
+    ]
+    try:
+        outputs = [process.communicate(timeout=240) for process in running]
+    finally:
+        for process in running:
+            process.kill()
+    for process, (_, err) in zip(running, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    # Processes 0 and 1 form the first row of the mesh (data index 0), 2 and 3 the second.
+    assert [r["rows"] for r in reports] == [[0, 1, 2, 3]] * 2 + [[4, 5, 6, 7]] * 2
+    assert [r["shard"] for r in reports] == [[0, 2], [0, 2], [1, 2], [1, 2]]
+    want = float((np.arange(8 * 3, dtype=np.float32) ** 2).sum())
+    assert all(r["total"] == want and r["shape"] == [8, 3] for r in reports)

@@ -8,6 +8,10 @@ bfloat16, which are converted the same way. `matmul` asks for a float32 result i
 dot and in both backward dots, then casts each to the dtype its consumer expects. On TPU and
 GPU the matrix units accumulate bfloat16 products in float32 anyway, so the arithmetic is that
 of a plain bfloat16 dot there.
+
+Rematerialisation policies see no dot inside that custom VJP, so its result is named
+`DENSE_OUTPUT` (`jax.ad_checkpoint.checkpoint_name`) for a policy to save it, as
+`dots_with_no_batch_dims_saveable` saves a plain dense layer's dot.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
+DENSE_OUTPUT = "dense_output"
 
 
 def _accumulated(spec: str, lhs: Array, rhs: Array, out_dtype: Any) -> Array:
@@ -58,7 +64,7 @@ def matmul(inputs: Array, kernel: Array, out_dtype: Any = None) -> Array:
         raise ValueError(f"operands of one dtype expected, got {inputs.dtype} x {kernel.dtype}")
     if inputs.dtype != jnp.bfloat16:
         return (inputs @ kernel).astype(out_dtype)
-    return _matmul(inputs, kernel, out_dtype)
+    return checkpoint_name(_matmul(inputs, kernel, out_dtype), DENSE_OUTPUT)
 
 
 def dense_dot_general(

@@ -6,6 +6,12 @@ logits are not divided by sqrt(head_dim): as in T5, that factor lives in the que
 
 Packed rows are supported: attention never crosses segments and relative positions come from
 the per-segment positions, so a packed example gives the same logits as the example alone.
+
+For large models, as t5x's `scalable_t5`: `scan_layers` runs each stack's layers as one
+`nn.scan`, whose parameters gain a "layers" axis (axis 1, where t5x puts it: `encoder/layers/...`
+instead of `encoder/layers_<i>/...`), so XLA compiles one layer instead of all of them;
+`remat_policy` rematerialises each layer in the backward pass ("minimal": only the dots
+without batch dimensions, i.e. the dense layers' outputs, are saved; "full": nothing is).
 """
 
 from __future__ import annotations
@@ -31,6 +37,20 @@ _MASKED = -1e10
 
 _EMBED_AXES = ("batch", "length", "embed")
 
+# What each `remat_policy` saves for the backward pass; "none" is not rematerialised at all.
+# "minimal": the dots without batch dimensions, i.e. the dense layers' outputs (bfloat16 ones
+# come out of a custom VJP, which policies cannot look into, under the name DENSE_OUTPUT).
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "minimal": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(mixed_precision.DENSE_OUTPUT),
+    ),
+    "full": None,  # saves nothing: the whole layer runs again
+}
+# Where scanned parameters hold their "layers" axis (t5x's `param_scan_axis`).
+PARAM_SCAN_AXIS = 1
+SCANNED_LAYERS = "layers"
+
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
@@ -52,6 +72,15 @@ class T5Config:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     float32_attention_logits: bool = True
+    scan_layers: bool = False
+    remat_policy: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.remat_policy not in ("none", *REMAT_POLICIES):
+            raise ValueError(
+                f"unknown remat_policy {self.remat_policy!r}; choose from "
+                f"{['none', *REMAT_POLICIES]}"
+            )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -464,7 +493,7 @@ class EncoderLayer(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, x: Array, bias: Array, enable_dropout: bool) -> Array:
+    def __call__(self, x: Array, bias: Array, enable_dropout: bool) -> Array | tuple[Array, None]:
         cfg = self.config
         attention = MultiHeadAttention(cfg, name="attention")
         x = _residual(
@@ -475,9 +504,10 @@ class EncoderLayer(nn.Module):
             enable_dropout,
         )
         mlp = MlpBlock(cfg, name="mlp")
-        return _residual(
+        x = _residual(
             cfg, x, "pre_mlp_layer_norm", lambda h: mlp(h, enable_dropout), enable_dropout
         )
+        return _scan_step(cfg, x)
 
 
 class DecoderLayer(nn.Module):
@@ -495,7 +525,7 @@ class DecoderLayer(nn.Module):
         enable_dropout: bool,
         decode: bool,
         cache_index: Array | None,
-    ) -> Array:
+    ) -> Array | tuple[Array, None]:
         cfg = self.config
         self_attention = MultiHeadAttention(cfg, name="self_attention")
         x = _residual(
@@ -516,9 +546,44 @@ class DecoderLayer(nn.Module):
             enable_dropout,
         )
         mlp = MlpBlock(cfg, name="mlp")
-        return _residual(
+        x = _residual(
             cfg, x, "pre_mlp_layer_norm", lambda h: mlp(h, enable_dropout), enable_dropout
         )
+        return _scan_step(cfg, x)
+
+
+def _scan_step(config: T5Config, x: Array) -> Array | tuple[Array, None]:
+    """A layer's output, as `nn.scan` wants it (carry, per-layer output) when layers are scanned."""
+    return (x, None) if config.scan_layers else x
+
+
+def _layer_stack(
+    config: T5Config, layer: type[nn.Module], num_layers: int, static_argnums: tuple[int, ...]
+) -> Callable[..., nn.Module]:
+    """Makes a stack's layer modules by name: plain, rematerialised and/or one scan over all.
+
+    `static_argnums` are the layer's Python-valued arguments (flags), counting `self` as 0;
+    `nn.remat` must not trace them. Scanned layers broadcast every argument but the carried
+    activations to each layer, split the parameter and dropout rngs per layer, and stack
+    parameters on axis `PARAM_SCAN_AXIS` (logical name "layers") and caches on axis 0.
+    """
+    if config.remat_policy != "none":
+        layer = nn.remat(
+            layer,
+            policy=REMAT_POLICIES[config.remat_policy],
+            prevent_cse=not config.scan_layers,  # scan already keeps XLA from merging the copies
+            static_argnums=static_argnums,
+        )
+    if config.scan_layers:
+        layer = nn.scan(
+            layer,
+            variable_axes={"params": PARAM_SCAN_AXIS, "cache": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=nn.broadcast,
+            length=num_layers,
+            metadata_params={nn.PARTITION_NAME: SCANNED_LAYERS},
+        )
+    return functools.partial(layer, config)
 
 
 def _embed(config: T5Config, embedder: nn.Module, tokens: Array, enable_dropout: bool) -> Array:
@@ -546,8 +611,12 @@ class Encoder(nn.Module):
         relpos = RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")
         bias = relpos(positions, positions) + _mask_to_bias(encoder_mask(tokens, segment_ids))
         x = _embed(cfg, self.shared_embedding, tokens, enable_dropout)
-        for index in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, name=f"layers_{index}")(x, bias, enable_dropout)
+        make_layer = _layer_stack(cfg, EncoderLayer, cfg.num_encoder_layers, static_argnums=(3,))
+        if cfg.scan_layers:
+            x, _ = make_layer(name=SCANNED_LAYERS)(x, bias, enable_dropout)
+        else:
+            for index in range(cfg.num_encoder_layers):
+                x = make_layer(name=f"layers_{index}")(x, bias, enable_dropout)
         x = RMSNorm(cfg, name="encoder_norm")(x)
         return nn.with_logical_constraint(_dropout(cfg, x, enable_dropout), _EMBED_AXES)
 
@@ -598,9 +667,13 @@ class Decoder(nn.Module):
         cross_bias = _mask_to_bias(cross_mask)
 
         x = _embed(cfg, self.shared_embedding, decoder_input_tokens, enable_dropout)
-        for index in range(cfg.num_decoder_layers):
-            layer = DecoderLayer(cfg, name=f"layers_{index}")
-            x = layer(x, encoded, self_bias, cross_bias, enable_dropout, decode, cache_index)
+        make_layer = _layer_stack(cfg, DecoderLayer, cfg.num_decoder_layers, static_argnums=(5, 6))
+        args = (encoded, self_bias, cross_bias, enable_dropout, decode, cache_index)
+        if cfg.scan_layers:
+            x, _ = make_layer(name=SCANNED_LAYERS)(x, *args)
+        else:
+            for index in range(cfg.num_decoder_layers):
+                x = make_layer(name=f"layers_{index}")(x, *args)
         x = RMSNorm(cfg, name="decoder_norm")(x)
         return self._logits(_dropout(cfg, x, enable_dropout))
 
