@@ -476,7 +476,7 @@ def test_convert_round_trip_hf_ours_hf(hf, tmp_path, capsys) -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--from", "/no/such/dir"], "/no/such/dir is not a directory"),
+        (["--from", "/no/such/dir"], "no checkpoint directory at /no/such/dir"),
         (["--preset", "small"], "--preset is for t5x and our checkpoints"),
         (["--vocab_size", "128"], "vocabulary size 64 in the checkpoint but 128 in the model"),
     ],
