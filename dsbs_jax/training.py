@@ -476,7 +476,9 @@ def _train_loop(
             bar.update(1)
             metrics_for_best = None
             if step % eval_period == 0 or step == train_steps:
+                eval_start = time.perf_counter()
                 metrics_for_best = evaluate(state.params, eval_split)
+                window_start += time.perf_counter() - eval_start  # rates count training only
                 writer.write(step, "training_eval", metrics_for_best)
                 if jax.process_index() == 0:  # tqdm.write prints even when the bar is off
                     bar.write(format_results(f"{eval_split} at step {step}", metrics_for_best))
