@@ -15,9 +15,10 @@ from typing import Any
 import gin
 import jax
 import seqio
+from etils import epath
 
 from dsbs_jax import evaluation, trainer
-from dsbs_jax.checkpoints import Checkpointer
+from dsbs_jax.checkpoints import Checkpointer, model_dir_path
 from dsbs_jax.data import choices
 from dsbs_jax.data.cache import read_examples
 from dsbs_jax.data.preprocessors import EXPLAIN_PREFIX, PREDICT_PREFIX
@@ -32,14 +33,14 @@ def restore_student(
     checkpoint: str | int = "best",
 ) -> tuple[Student, Any, int]:
     """(student, params, step) from MODEL_DIR's "best" or "latest" checkpoint, or a step."""
-    root = Path(model_dir).expanduser()
+    root = model_dir_path(model_dir)
     if not (root.is_dir() and any(root.glob("checkpoint_*"))):
         raise FileNotFoundError(
             f"MODEL_DIR {root} holds no checkpoint; train one there first with "
             "`python -m dsbs_jax.train` and the same gin files and flags"
         )
     student = Student(mixture_or_task_name, task_feature_lengths, model_config, 1, 0)
-    with Checkpointer(Path(model_dir).expanduser(), keep_best=checkpoint == "best") as ckpt:
+    with Checkpointer(root, keep_best=checkpoint == "best") as ckpt:
         if checkpoint == "best" and ckpt.best_step() is None:
             checkpoint = "latest"  # a run without validation metrics keeps no best
         step = None if isinstance(checkpoint, str) else int(checkpoint)
@@ -74,7 +75,7 @@ def evaluate(
             max_decode_length,
         )(params, split)
     if jax.process_index() == 0:
-        out = Path(model_dir).expanduser() / f"eval_{split}_checkpoint_{step}.json"
+        out = model_dir_path(model_dir) / f"eval_{split}_checkpoint_{step}.json"
         out.write_text(json.dumps({"step": step, **results}, indent=2) + "\n")
         print(format_results(f"{split} (checkpoint {step})", results))
     return results
@@ -122,7 +123,7 @@ def infer(
     checkpoint: str | int = "best",
     batch_size: int = 64,
     max_decode_length: int | None = None,
-) -> Path:
+) -> epath.Path:
     """Writes {id, input, label[, rationale]} JSON lines for `input_file` (or `split`).
 
     Only the label is predicted unless `rationales`: at deployment the rationale
@@ -179,8 +180,8 @@ def infer(
                 row[field] = output
     for row in rows:
         del row["choices"]
-    out = Path(output_file or Path(model_dir) / f"predictions_{split}_checkpoint_{step}.jsonl")
-    out = out.expanduser()
+    name = f"predictions_{split}_checkpoint_{step}.jsonl"
+    out = model_dir_path(output_file) if output_file else model_dir_path(model_dir) / name
     if jax.process_index() == 0:
         with out.open("w", encoding="utf-8") as f:
             for row in rows:
