@@ -36,8 +36,8 @@ def test_tolerances_and_min_mode():
 def test_run_stops_early_and_reports_both_label_modes(
     gin_cache_root, choices_cache_root, tmp_path, capsys
 ):
-    """A learning rate of 0 keeps the validation accuracy flat: with eval every 5 steps and a
-    patience of 2, training stops at step 10 of 40, and tests the best (first) checkpoint in
+    """A learning rate of 0 keeps the validation accuracy flat: with eval every 2 steps and a
+    patience of 2, training stops at step 4 of 40, and tests the best (first) checkpoint in
     generate and score modes."""
     model_dir = tmp_path / "run"
     flags = [
@@ -49,7 +49,7 @@ def test_run_stops_early_and_reports_both_label_modes(
         "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}",
         "--gin.BATCH_SIZE=8",
         "--gin.TRAIN_STEPS=40",
-        "--gin.EVAL_PERIOD=5",
+        "--gin.EVAL_PERIOD=2",
         "--gin.LEARNING_RATE=0.0",
         "--gin.train.eval_batch_size=32",
         "--gin.train.max_decode_length=4",
@@ -58,15 +58,15 @@ def test_run_stops_early_and_reports_both_label_modes(
     ]
     assert main(flags) == 0
     err = capsys.readouterr().out
-    assert "stopping early at step 10" in err
+    assert "stopping early at step 4" in err
     results = json.loads((model_dir / "test_results.json").read_text())
-    assert results["step"] == 5
+    assert results["step"] == 2
     task = "test/dsbs_synthetic_label_llm"
     assert {f"{task}/accuracy", f"{task}/score/accuracy"} <= set(results)
     # Scoring picks one of five candidates, the gold one among them: some are right.
     assert results[f"{task}/score/accuracy"] > 0.0
     assert main(flags) == 0  # resumed, it stays stopped
-    assert "stopped early at step 10" in capsys.readouterr().err
+    assert "stopped early at step 4" in capsys.readouterr().err
 
     inputs, out = tmp_path / "inputs.jsonl", tmp_path / "predictions.jsonl"
     inputs.write_text(

@@ -102,7 +102,7 @@ def test_microbatches_give_the_full_batch_gradient():
     optimizer = optax.sgd(1.0)
     state = trainer.init_state(params, optimizer)
     results = []
-    for micro in (1, 2, 4):
+    for micro in (1, 4):
         step = jax.jit(trainer.make_train_step(model, optimizer, num_microbatches=micro))
         new_state, metrics = step(state, batch, jax.random.key(1))
         results.append((new_state.params, metrics))

@@ -100,7 +100,7 @@ def _sweep_flags(data_dir: Path, sweep_dir: Path) -> list[str]:
         "--gin.MIXTURE_OR_TASK_NAME='dsbs_synthetic_step_by_step'",
         "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}",
         "--gin.TRAIN_STEPS=4",
-        "--gin.EVAL_PERIOD=2",
+        "--gin.EVAL_PERIOD=4",  # one validation pass a run
         "--gin.BATCH_SIZE=8",
         "--gin.LEARNING_RATE=1e-3",
         "--gin.train.eval_batch_size=32",
