@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # Eight host CPU devices, so sharding tests can build real meshes; set before JAX starts.
@@ -11,8 +13,30 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One persistent compilation cache for the whole run, shared by the xdist workers and the
+# commands tests launch (they inherit the environment): many tests compile the same tiny
+# programs. Each run starts empty, so the suite's time is a cold start's. The size limit turns
+# on JAX's file lock, so concurrent processes never read a half-written entry.
+_OWN_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_COMPILATION_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsbs_jax_test_jit_")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+
 import gin  # noqa: E402
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _OWN_COMPILATION_CACHE:  # the process that made the cache removes it
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests run first: with xdist handing out one test at a time (`--maxschedchunk=1`
+    in pyproject.toml), the workers then finish together instead of one waiting on a long
+    test that started last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
+
 
 # The official teacher outputs live beside the checkout (../shared/data/dsbs); never copied in.
 OFFICIAL_DATA = Path(

@@ -29,6 +29,7 @@ def _positive(result: dict, keys: tuple[str, ...]) -> None:
         assert result[key] > 0, (key, result)
 
 
+@pytest.mark.slow
 def test_train_throughput(common_args, tmp_path: Path):
     out = tmp_path / "train.json"
     train_throughput.main(
@@ -75,6 +76,7 @@ def test_decode_throughput(common_args, tmp_path: Path):
     _positive(payload["ratios"], ("examples_per_s",))
 
 
+@pytest.mark.slow
 def test_eval_throughput(choices_cache_root: Path, tmp_path: Path):
     """A briefly trained tiny student, evaluated by both sides on the whole (24-input) test
     split: ours in generate and score modes, the baseline from its Hugging Face export."""

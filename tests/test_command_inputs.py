@@ -142,6 +142,7 @@ def test_missing_vocabulary_names_the_command_that_writes_it(tmp_path, capsys):
     assert len(lines) == 1 and str(vocab) in lines[0] and "python -m dsbs_jax.data" in lines[0]
 
 
+@pytest.mark.slow
 def test_the_demo_writes_its_dataset_first_and_prints_test_accuracy(tmp_path, capsys, monkeypatch):
     """The README's main command on a machine with an empty $HOME, shortened to 2 steps."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

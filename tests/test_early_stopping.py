@@ -33,6 +33,7 @@ def test_tolerances_and_min_mode():
         early_stopping("valid/x", patience=0)
 
 
+@pytest.mark.slow
 def test_run_stops_early_and_reports_both_label_modes(
     gin_cache_root, choices_cache_root, tmp_path, capsys
 ):

@@ -90,6 +90,7 @@ def _tiny_model_batch(rng: np.random.Generator):
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+@pytest.mark.slow
 def test_microbatches_give_the_full_batch_gradient():
     model = T5(get_config("tiny", vocab_size=VOCAB, dtype=jnp.float32, dropout_rate=0.0))
     batch = _tiny_model_batch(np.random.default_rng(2))

@@ -75,6 +75,7 @@ def test_dense_dot_general_refuses_other_contractions():
         mixed_precision.dense_dot_general(x, w.T, (((1,), (1,)), ((), ())))
 
 
+@pytest.mark.slow
 def test_bfloat16_model_gives_float32s_loss_and_gradients_and_decodes():
     def config(dtype):
         return get_config("tiny", vocab_size=64, dtype=dtype, dropout_rate=0.0)

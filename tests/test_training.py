@@ -76,6 +76,7 @@ def test_loss_goes_down_on_a_fixed_batch(gin_cache_root):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_sharded_training_equals_one_device(gin_cache_root):
     """Meshes (8,1), (4,2), (2,4) against one single-device run."""
     batch = _batch()
@@ -94,6 +95,7 @@ def test_sharded_training_equals_one_device(gin_cache_root):
         np.testing.assert_allclose(losses, reference, rtol=2e-5, err_msg=f"{num_partitions=}")
 
 
+@pytest.mark.slow
 def test_hardware_rng_dropout_is_repeatable_and_not_threefrys(gin_cache_root):
     """`train.use_hardware_rng`: other dropout masks than threefry's, the same ones every time."""
     batch = {k: jnp.asarray(v) for k, v in _batch().items()}
@@ -186,6 +188,7 @@ def test_killed_run_resumes_to_the_same_parameters(gin_cache_root, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_demo_style_run_learns_and_resumes(gin_cache_root, tmp_path, capsys):
     flags = _flags(
         gin_cache_root,
@@ -249,6 +252,7 @@ def test_failures_are_one_clear_line(gin_cache_root, tmp_path, capsys, extra, me
     assert len(err) == 1 and err[0].startswith(message), err
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_is_refused(gin_cache_root, tmp_path, capsys):
     run_dir = tmp_path / "run"
     common = ("--gin.TRAIN_STEPS=2", "--gin.train.test_split=None", "--gin.EVAL_PERIOD=1000")
@@ -276,6 +280,7 @@ def test_every_run_config_parses_and_names_a_registered_mixture(gin_cache_root, 
     assert gin.query_parameter("train.train_steps") is not None
 
 
+@pytest.mark.slow
 def test_training_starts_from_an_initial_hugging_face_checkpoint(gin_cache_root, tmp_path):
     """INITIAL_CHECKPOINT_PATH: with a zero learning rate the trained parameters are the
     pretrained ones, and a resumed run no longer reads the initial checkpoint."""
