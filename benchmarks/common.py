@@ -230,6 +230,64 @@ def median_rate(amounts: Sequence[float], seconds: Sequence[float]) -> float:
     return statistics.median(a / s for a, s in zip(amounts, seconds, strict=True))
 
 
+# ---------------------------------------------------------------------------------------------
+# Where a compiled step spends its time
+# ---------------------------------------------------------------------------------------------
+
+# What an XLA:CPU op name (its HLO instruction name without the ".N") says it does.
+OP_KINDS = (
+    ("matrix multiplies", ("dot", "ynn_fusion", "convolution")),
+    ("layout copies", ("copy", "transpose")),
+    ("random bits", ("threefry", "rng", "random")),
+    ("exp, tanh, log", ("exponential", "tanh", "log")),
+)
+
+
+def op_kind(name: str) -> str:
+    """The kind of an XLA op, from its name: the first of OP_KINDS whose words it contains."""
+    for kind, words in OP_KINDS:
+        if any(word in name for word in words):
+            return kind
+    return "other elementwise"
+
+
+def profile_ops(run: Callable[[], Any], trace_dir: Path) -> dict[str, float]:
+    """Seconds per XLA op (HLO instruction name) of one `run()`, traced by jax.profiler.
+
+    Summed over XLA's CPU worker threads, so with several threads the sum exceeds the
+    wall-clock time; the executor's own spans, which contain the ops, are left out.
+    """
+    import jax
+    from jax.profiler import ProfileData
+
+    jax.profiler.start_trace(str(trace_dir))
+    try:
+        jax.block_until_ready(run())
+    finally:
+        jax.profiler.stop_trace()
+    seconds: dict[str, float] = {}
+    for path in Path(trace_dir).glob("**/*.xplane.pb"):
+        for plane in ProfileData.from_file(str(path)).planes:
+            for line in plane.lines:
+                if not line.name.startswith("tf_XLA"):
+                    continue
+                for event in line.events:
+                    if event.name.startswith(("ThunkExecutor", "end: ")):
+                        continue
+                    seconds[event.name] = seconds.get(event.name, 0.0) + event.duration_ns / 1e9
+    return seconds
+
+
+def op_time_shares(seconds: Mapping[str, float]) -> dict[str, float]:
+    """Share of the op time per kind (`op_kind`), largest first."""
+    total = sum(seconds.values()) or 1.0
+    shares: dict[str, float] = {}
+    for name, value in seconds.items():
+        kind = op_kind(name)
+        shares[kind] = shares.get(kind, 0.0) + value / total
+    return dict(sorted(shares.items(), key=lambda item: -item[1]))
+
+
 def current_rss_mib() -> float:
     try:
         with open("/proc/self/statm") as f:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from benchmarks import common
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="baseline: count each timed step's FLOPs (torch FlopCounterMode, after timing); "
         "ours always reports XLA's count",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="ours: trace one more step into this folder and report where its time goes",
     )
     parser.add_argument(
         "--use-hardware-rng",
@@ -147,6 +154,11 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
             times.append((seconds, cpu))
+        profile = (
+            _profile(compiled, state, partitioner.shard_batch(batches[-1]), rng, args.profile)
+            if args.profile
+            else {}
+        )
     loss = float(metrics["loss"])
     return _summary(
         [_counts(b, pack) for b in batches],
@@ -162,7 +174,30 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
         last_loss=loss,
         xla_temp_mib=_temp_mib(compiled),
         gflop_per_step=_xla_gflop(compiled),
+        **profile,
     )
+
+
+def _profile(compiled: Any, state: Any, batch: Any, rng: Any, trace_dir: Path) -> dict[str, Any]:
+    """One traced step (it consumes the donated `state`, so it comes last): op-time shares
+    by kind and the top ops with their HLO, printed and returned for the JSON."""
+    seconds = common.profile_ops(lambda: compiled(state, batch, rng), trace_dir)
+    shares = common.op_time_shares(seconds)
+    hlo = {
+        line.split(" = ")[0].strip().removeprefix("ROOT ").lstrip("%"): line.strip()[:160]
+        for line in compiled.as_text().splitlines()
+        if " = " in line
+    }
+    top = sorted(seconds.items(), key=lambda item: -item[1])[:12]
+    print(f"op time of one traced step: {sum(seconds.values()):.2f} s over XLA's threads")
+    for kind, share in shares.items():
+        print(f"  {100 * share:5.1f}%  {kind}")
+    for name, value in top:
+        print(f"  {1000 * value:8.1f} ms  {hlo.get(name, name)}")
+    return {
+        "op_time_shares": shares,
+        "top_ops": [{"op": hlo.get(name, name), "seconds": value} for name, value in top],
+    }
 
 
 def with_gin_alpha(alpha: float) -> None:

@@ -137,12 +137,13 @@ def metric_key(split: str, task_name: str, metric: str, mode: str) -> str:
 def padded_length(longest: int, inputs_length: int) -> int:
     """The length a batch whose longest input has `longest` tokens is padded to.
 
-    Powers of two from MIN_PADDED_LENGTH up to `inputs_length`: few compiled shapes, and at
-    most twice the tokens of the longest input.
+    Quarter-octave steps from MIN_PADDED_LENGTH (32, 40, 48, 56, 64, 80, 96, ...) up to
+    `inputs_length`: at most a quarter more tokens than the longest input, four compiled
+    shapes per doubling, each a multiple of 8.
     """
     length = MIN_PADDED_LENGTH
     while length < longest:
-        length *= 2
+        length += (1 << (length.bit_length() - 1)) // 4  # a quarter of the octave's start
     return max(min(length, inputs_length), 1)
 
 

@@ -42,10 +42,17 @@ def test_train_throughput(common_args, tmp_path: Path):
             "--inputs-length=64",
             "--targets-length=64",
             "--count-flops",
+            f"--profile={tmp_path / 'trace'}",
             f"--json={out}",
         ]
     )
     payload = json.loads(out.read_text())
+    # The profile splits the traced step's op time by kind; the model's dots are traced.
+    shares = payload["results"]["ours"]["op_time_shares"]
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["matrix multiplies"] > 0
+    assert any(
+        "dot" in op["op"] or "ynn" in op["op"] for op in payload["results"]["ours"]["top_ops"]
+    )
     figures = ("examples_per_s", "tokens_per_s", "step_time_median_s", "peak_rss_mib", "gflops")
     for side in ("ours", "baseline"):
         _positive(payload["results"][side], (*figures, "real_token_fraction"))

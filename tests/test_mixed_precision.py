@@ -58,10 +58,25 @@ def test_bfloat16_matmul_never_multiplies_float32_copies_of_its_operands():
         assert dot_operand_types(plain) == [("f32", "f32")]
 
 
-def test_other_dtypes_take_the_plain_dot_and_out_dtype_is_honoured():
+def test_float32_matmul_gives_the_plain_dots_values_and_gradients():
     x, w, _ = _operands()
     x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
-    np.testing.assert_array_equal(mixed_precision.matmul(x32, w32), x32 @ w32)
+    x32 = jnp.stack([x32, 2 * x32])  # [2, rows, k]: the weight gradient sums over both axes
+    np.testing.assert_allclose(mixed_precision.matmul(x32, w32), x32 @ w32, rtol=1e-6)
+
+    def loss(fn):
+        return lambda a, b: jnp.sum(jnp.sin(fn(a, b)))
+
+    got = jax.grad(loss(mixed_precision.matmul), argnums=(0, 1))(x32, w32)
+    want = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x32, w32)
+    for g, r in zip(got, want, strict=True):
+        assert g.dtype == jnp.float32
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_other_dtypes_take_the_plain_dot_and_out_dtype_is_honoured():
+    x, w, _ = _operands()
+    w32 = w.astype(jnp.float32)
     x16, w16 = x.astype(jnp.float16), w.astype(jnp.float16)
     np.testing.assert_array_equal(mixed_precision.matmul(x16, w16), x16 @ w16)
     assert mixed_precision.matmul(x, w, jnp.float32).dtype == jnp.float32

@@ -170,15 +170,12 @@ def test_length_sorted_generation_gives_todays_labels(tiny):
     assert fast == todays
 
 
-def test_padded_lengths_are_powers_of_two_within_the_input_length():
-    assert [evaluation.padded_length(n, 512) for n in (1, 32, 33, 100, 300, 600)] == [
-        32,
-        32,
-        64,
-        128,
-        512,
-        512,
-    ]
+def test_padded_lengths_step_by_quarter_octaves_within_the_input_length():
+    lengths = [evaluation.padded_length(n, 512) for n in (1, 32, 33, 100, 300, 511)]
+    assert lengths == [32, 32, 40, 112, 320, 512]
+    grid = sorted({evaluation.padded_length(n, 4096) for n in range(1, 4097)})
+    assert grid[:10] == [32, 40, 48, 56, 64, 80, 96, 112, 128, 160]
+    assert all(b <= 1.25 * a and b % 8 == 0 for a, b in zip(grid, grid[1:], strict=False))
     batches = list(evaluation.length_sorted_batches([[5] * 40, [5] * 3, [5] * 20], 128, 2))
     assert [list(p) for p, _ in batches] == [[1, 2], [0]]
-    assert [t.shape for _, t in batches] == [(2, 32), (2, 64)]
+    assert [t.shape for _, t in batches] == [(2, 32), (2, 40)]

@@ -9,6 +9,12 @@ dot and in both backward dots, then casts each to the dtype its consumer expects
 GPU the matrix units accumulate bfloat16 products in float32 anyway, so the arithmetic is that
 of a plain bfloat16 dot there.
 
+Float32 layers take the same custom VJP. Its weight gradient is one dot contracting the
+flattened rows of inputs and output gradient ("...k,...n->kn"); `jax.grad` of the plain dot
+makes XLA:CPU copy each activation into a transposed layout first. Measured on the T5-small
+training step (benchmarks.train_throughput, 2-core AMD EPYC): layout copies fell from 18% to 7%
+of op time and the step from 3.5-3.7 s to 3.1 s, with the same loss.
+
 Rematerialisation policies see no dot inside that custom VJP, so its result is named
 `DENSE_OUTPUT` (`jax.ad_checkpoint.checkpoint_name`) for a policy to save it, as
 `dots_with_no_batch_dims_saveable` saves a plain dense layer's dot.
@@ -56,13 +62,13 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 def matmul(inputs: Array, kernel: Array, out_dtype: Any = None) -> Array:
     """`inputs @ kernel` ([..., k] x [k, n]) in `out_dtype` (default: the operands' dtype).
 
-    bfloat16 operands take the float32-accumulating dot above; others the plain dot (XLA:CPU
-    has no float16 kernels for a float32 result).
+    bfloat16 and float32 operands take the float32-accumulating custom VJP above; others the
+    plain dot (XLA:CPU has no float16 kernels for a float32 result).
     """
     out_dtype = jnp.dtype(inputs.dtype if out_dtype is None else out_dtype)
     if inputs.dtype != kernel.dtype:
         raise ValueError(f"operands of one dtype expected, got {inputs.dtype} x {kernel.dtype}")
-    if inputs.dtype != jnp.bfloat16:
+    if inputs.dtype not in (jnp.bfloat16, jnp.float32):
         return (inputs @ kernel).astype(out_dtype)
     return checkpoint_name(_matmul(inputs, kernel, out_dtype), DENSE_OUTPUT)
 
