@@ -181,22 +181,24 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
 def _profile(compiled: Any, state: Any, batch: Any, rng: Any, trace_dir: Path) -> dict[str, Any]:
     """One traced step (it consumes the donated `state`, so it comes last): op-time shares
     by kind and the top ops with their HLO, printed and returned for the JSON."""
-    seconds = common.profile_ops(lambda: compiled(state, batch, rng), trace_dir)
-    shares = common.op_time_shares(seconds)
     hlo = {
         line.split(" = ")[0].strip().removeprefix("ROOT ").lstrip("%"): line.strip()[:160]
         for line in compiled.as_text().splitlines()
         if " = " in line
     }
+    traced = common.profile_ops(lambda: compiled(state, batch, rng), trace_dir)
+    # The step's own ops only: not the runtime's spans (rendezvous, waits between devices).
+    seconds = {name: value for name, value in traced.items() if name in hlo}
+    shares = common.op_time_shares(seconds)
     top = sorted(seconds.items(), key=lambda item: -item[1])[:12]
     print(f"op time of one traced step: {sum(seconds.values()):.2f} s over XLA's threads")
     for kind, share in shares.items():
         print(f"  {100 * share:5.1f}%  {kind}")
     for name, value in top:
-        print(f"  {1000 * value:8.1f} ms  {hlo.get(name, name)}")
+        print(f"  {1000 * value:8.1f} ms  {hlo[name]}")
     return {
         "op_time_shares": shares,
-        "top_ops": [{"op": hlo.get(name, name), "seconds": value} for name, value in top],
+        "top_ops": [{"op": hlo[name], "seconds": value} for name, value in top],
     }
 
 
