@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -251,11 +251,14 @@ def op_kind(name: str) -> str:
     return "other elementwise"
 
 
-def profile_ops(run: Callable[[], Any], trace_dir: Path) -> dict[str, float]:
-    """Seconds per XLA op (HLO instruction name) of one `run()`, traced by jax.profiler.
+def profile_ops(
+    run: Callable[[], Any], trace_dir: Path, op_names: Collection[str]
+) -> dict[str, float]:
+    """Seconds per XLA op of one `run()`, traced by jax.profiler: the spans named as one of
+    `op_names` (the program's HLO instructions), not the runtime's own (executor, waits).
 
     Summed over XLA's CPU worker threads, so with several threads the sum exceeds the
-    wall-clock time; the executor's own spans, which contain the ops, are left out.
+    wall-clock time.
     """
     import jax
     from jax.profiler import ProfileData
@@ -269,12 +272,9 @@ def profile_ops(run: Callable[[], Any], trace_dir: Path) -> dict[str, float]:
     for path in Path(trace_dir).glob("**/*.xplane.pb"):
         for plane in ProfileData.from_file(str(path)).planes:
             for line in plane.lines:
-                if not line.name.startswith("tf_XLA"):
-                    continue
                 for event in line.events:
-                    if event.name.startswith(("ThunkExecutor", "end: ")):
-                        continue
-                    seconds[event.name] = seconds.get(event.name, 0.0) + event.duration_ns / 1e9
+                    if event.name in op_names:
+                        seconds[event.name] = seconds.get(event.name, 0.0) + event.duration_ns / 1e9
     return seconds
 
 

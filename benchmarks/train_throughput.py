@@ -186,9 +186,7 @@ def _profile(compiled: Any, state: Any, batch: Any, rng: Any, trace_dir: Path) -
         for line in compiled.as_text().splitlines()
         if " = " in line
     }
-    traced = common.profile_ops(lambda: compiled(state, batch, rng), trace_dir)
-    # The step's own ops only: not the runtime's spans (rendezvous, waits between devices).
-    seconds = {name: value for name, value in traced.items() if name in hlo}
+    seconds = common.profile_ops(lambda: compiled(state, batch, rng), trace_dir, hlo.keys())
     shares = common.op_time_shares(seconds)
     top = sorted(seconds.items(), key=lambda item: -item[1])[:12]
     print(f"op time of one traced step: {sum(seconds.values()):.2f} s over XLA's threads")
