@@ -148,21 +148,30 @@ def padded_length(longest: int, inputs_length: int) -> int:
 
 
 def length_sorted_batches(
-    inputs: Sequence[Sequence[int]], inputs_length: int, batch_size: int
+    inputs: Sequence[Sequence[int]],
+    inputs_length: int,
+    batch_size: int,
+    sizes: Sequence[int] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields (positions in `inputs`, [batch_size, padded length] tokens), shortest first.
 
-    Inputs of similar length share a batch, so few are padded far; the last batch is
-    filled with all-padding rows. Inputs longer than `inputs_length` are truncated.
+    Inputs of similar length share a batch, so few are padded far: they are ordered by
+    padded length (`padded_length`), then by `sizes` when given (the decoder's work per
+    input, so batches of one padded length also share decoder lengths), then by length.
+    The one partial batch comes first, among the shortest inputs, filled with all-padding
+    rows. Inputs longer than `inputs_length` are truncated.
     """
-    order = np.argsort([len(ids) for ids in inputs], kind="stable")
-    for start in range(0, len(order), batch_size):
-        positions = order[start : start + batch_size]
-        longest = max(min(len(inputs[i]), inputs_length) for i in positions)
+    lengths = [min(len(ids), inputs_length) for ids in inputs]
+    buckets = [padded_length(n, inputs_length) for n in lengths]
+    order = np.lexsort((lengths, np.zeros(len(inputs)) if sizes is None else sizes, buckets))
+    first = len(order) % batch_size or batch_size
+    ends = range(first, len(order) + 1, batch_size)
+    for start, end in zip([0, *ends], ends, strict=False):
+        positions = order[start:end]
+        longest = max(lengths[i] for i in positions)
         tokens = np.zeros((batch_size, padded_length(longest, inputs_length)), np.int32)
         for row, i in enumerate(positions):
-            ids = list(inputs[i])[:inputs_length]
-            tokens[row, : len(ids)] = ids
+            tokens[row, : lengths[i]] = list(inputs[i])[: lengths[i]]
         yield positions, tokens
 
 
@@ -217,24 +226,28 @@ def score_batches(
     length_normalized: bool = False,
 ) -> list[int]:
     """Index of the likeliest candidate of each input (`candidates[i]`: token ids, EOS
-    included), in order. Every batch has as many candidate slots as the widest input, and
-    decoder rows as long as its longest packed candidates, rounded up to a multiple of 8, so
-    few programs are compiled."""
+    included), in order. Every batch has as many candidate slots as the widest input and
+    as many tokens per slot as the longest candidate, and decoder rows as long as its largest
+    prefix tree (`scoring.tree_length`), so few programs are compiled."""
     if not inputs:
         return []
     width = max(len(c) for c in candidates)
+    label_length = max(len(ids) for c in candidates for ids in c)
+    sizes = [scoring.tree_size(c) for c in candidates]
     best = [0] * len(inputs)
     with _progress(len(inputs), "score") as bar:
-        for positions, tokens in length_sorted_batches(inputs, inputs_length, batch_size):
+        for positions, tokens in length_sorted_batches(inputs, inputs_length, batch_size, sizes):
             batch_candidates = [candidates[i] for i in positions]
-            length = scoring.packed_length(batch_candidates)
-            packed = scoring.pack_candidates(batch_candidates, batch_size, length)
+            length = scoring.tree_length(batch_candidates)
+            packed = scoring.pack_candidates(
+                batch_candidates, batch_size, length, width, label_length
+            )
             batch = {"encoder_input_tokens": tokens, **packed}
             local = partitioner.shard_batch(partitioner.host_slice(batch))
             encoder_input_tokens = local.pop("encoder_input_tokens")
             with partitioner.activation_rules():
                 scores = scoring.candidate_log_likelihoods(
-                    model, params, encoder_input_tokens, local, width, length_normalized
+                    model, params, encoder_input_tokens, local, length_normalized
                 )
             scores = multihost_utils.process_allgather(scores, tiled=True)
             for position, row in zip(positions, np.argmax(scores, axis=-1), strict=False):

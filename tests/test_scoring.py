@@ -100,19 +100,48 @@ def test_cache_choices_round_trip_and_are_left_out_when_empty(tmp_path):
         cache.read_examples(tmp_path / "bad.jsonl")
 
 
+def test_prefix_tree_lists_each_shared_prefix_once():
+    candidates = [[5, 6, 1], [5, 1], [7, 1], [5, 6, 1]]
+    prefixes, paths = scoring.prefix_tree(candidates)
+    assert prefixes == [(), (5,), (5, 6), (7,)]
+    assert paths == [[0, 1, 2], [0, 1], [0, 3], [0, 1, 2]]
+    assert scoring.tree_size(candidates) == 4
+    assert scoring.tree_length([candidates, [[9, 1]]]) == 4
+    packed = scoring.pack_candidates([candidates], 2, 8, 5, 3)
+    assert packed["decoder_input_tokens"][0, :4].tolist() == [0, 5, 6, 7]
+    assert packed["decoder_positions"][0, :4].tolist() == [0, 1, 2, 1]
+    sees = packed["decoder_self_attention_mask"][0]
+    assert [np.flatnonzero(sees[node]).tolist() for node in range(4)] == [
+        [0],
+        [0, 1],
+        [0, 1, 2],
+        [0, 3],
+    ]
+    assert packed["candidate_tokens"][0, 1].tolist() == [5, 1, 0]
+    assert packed["candidate_prefixes"][0, 1].tolist() == [0, 1, 0]
+    assert not packed["candidate_tokens"][0, 4].any() and not packed["candidate_tokens"][1].any()
+
+
 @pytest.mark.parametrize("length_normalized", [False, True])
-def test_packed_scores_equal_a_loop_over_candidates(tiny, length_normalized):
-    """All of an input's candidates in one packed decoder row score as each alone does."""
+def test_prefix_tree_scores_equal_a_loop_over_candidates(tiny, length_normalized):
+    """All of an input's candidates in one decoder row, as a prefix tree, score as each alone
+    does, shared prefixes (one candidate a prefix of another, duplicates) included."""
     model, params = tiny
     inputs, candidates = _inputs(3), _candidates(3)
+    candidates[0] += [candidates[0][0][:-1] + [9, 1], [candidates[0][0][0], 1]]
+    candidates[1].append(list(candidates[1][0]))
     width = max(len(c) for c in candidates)
-    enc = np.zeros((3, 48), np.int32)
+    label_length = max(len(ids) for c in candidates for ids in c)
+    enc = np.zeros((4, 48), np.int32)
     for i, x in enumerate(inputs):
         enc[i, : len(x)] = x
-    packed = scoring.pack_candidates(candidates, 3, scoring.packed_length(candidates))
+    length = scoring.tree_length(candidates)
+    assert length < sum(len(ids) for ids in candidates[0])  # shared prefixes computed once
+    packed = scoring.pack_candidates(candidates, 4, length, width, label_length)
     scores = np.asarray(
-        scoring.candidate_log_likelihoods(model, params, enc, packed, width, length_normalized)
+        scoring.candidate_log_likelihoods(model, params, enc, packed, length_normalized)
     )
+    assert np.all(scores[3] == -np.inf)  # a padding row
     for i, (x, c) in enumerate(zip(inputs, candidates, strict=True)):
         for j in range(width):
             if j >= len(c):
@@ -176,6 +205,9 @@ def test_padded_lengths_step_by_quarter_octaves_within_the_input_length():
     grid = sorted({evaluation.padded_length(n, 4096) for n in range(1, 4097)})
     assert grid[:10] == [32, 40, 48, 56, 64, 80, 96, 112, 128, 160]
     assert all(b <= 1.25 * a and b % 8 == 0 for a, b in zip(grid, grid[1:], strict=False))
-    batches = list(evaluation.length_sorted_batches([[5] * 40, [5] * 3, [5] * 20], 128, 2))
-    assert [list(p) for p, _ in batches] == [[1, 2], [0]]
-    assert [t.shape for _, t in batches] == [(2, 32), (2, 40)]
+    inputs = [[5] * 40, [5] * 3, [5] * 20, [5] * 30, [5] * 2]
+    batches = list(evaluation.length_sorted_batches(inputs, 128, 2))
+    assert [list(p) for p, _ in batches] == [[4], [1, 2], [3, 0]]  # the partial batch first
+    assert [t.shape for _, t in batches] == [(2, 32), (2, 32), (2, 40)]
+    by_size = evaluation.length_sorted_batches(inputs, 128, 2, sizes=[1, 9, 1, 1, 5])
+    assert [list(p) for p, _ in by_size] == [[2], [3, 4], [1, 0]]  # by size within 32 tokens

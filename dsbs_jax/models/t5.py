@@ -645,6 +645,7 @@ class Decoder(nn.Module):
         enable_dropout: bool = True,
         decode: bool = False,
         max_decode_length: int | None = None,
+        decoder_self_attention_mask: Array | None = None,
     ) -> Array:
         cfg = self.config
         relpos = RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")
@@ -652,7 +653,11 @@ class Decoder(nn.Module):
         if cache_index is None:
             length = decoder_input_tokens.shape[1]
             positions = _positions_or_range(decoder_positions, length)
-            self_mask = decoder_self_mask(length, decoder_target_tokens, decoder_segment_ids)
+            self_mask = (
+                decoder_self_mask(length, decoder_target_tokens, decoder_segment_ids)
+                if decoder_self_attention_mask is None
+                else decoder_self_attention_mask[:, None]
+            )
             self_bias = relpos(positions, positions) + _mask_to_bias(self_mask)
             cross_mask = cross_attention_mask(
                 encoder_input_tokens,
@@ -758,10 +763,13 @@ class T5(nn.Module):
         enable_dropout: bool = True,
         decode: bool = False,
         max_decode_length: int | None = None,
+        decoder_self_attention_mask: Array | None = None,
     ) -> Array:
         """Float32 logits [batch, length, vocab] for the decoder inputs given the encoding.
 
         `encoder_input_tokens` only supplies the encoder padding mask.
+        `decoder_self_attention_mask` ([batch, length, length] booleans), when given, replaces
+        the causal mask: which positions each one sees (a prefix tree's, `dsbs_jax.scoring`).
         """
         return self.decoder(
             encoded,
@@ -774,6 +782,7 @@ class T5(nn.Module):
             enable_dropout,
             decode,
             max_decode_length,
+            decoder_self_attention_mask,
         )
 
     def __call__(
