@@ -9,9 +9,10 @@ format (`<data-dir>/eval_student_*`, trained once and reused). Each side runs it
 evaluation loop over the split, from token ids to accuracy.
 
 Ours: `dsbs_jax.evaluation.predict_task` as validation and test run it. "generate": inputs
-sorted by length into batches of `--batch-size`, padded to powers of two, greedy decoding that
-stops once every row has produced EOS. "score": each input's candidate labels (cqa: its five
-answer choices) scored in one teacher-forced decoder pass per batch of `--score-batch-size`.
+sorted by length into batches of `--batch-size`, padded to a quarter-octave grid of lengths,
+greedy decoding that stops once every row has produced EOS. "score": each input's candidate
+labels (cqa: its five answer choices) scored as one prefix tree, in one teacher-forced decoder
+pass per batch of `--score-batch-size`.
 The first pass over the split compiles (reported as first_pass_s); the timed pass follows.
 
 Baseline, as the official code evaluates (`Seq2SeqTrainer` with `predict_with_generate`):

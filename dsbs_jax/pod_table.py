@@ -37,6 +37,7 @@ SIZES = ("small", "base", "large", "xl", "xxl")
 SLICES = ("v4-8", "v4-32", "v5litepod-16", "v5litepod-64", "v5p-8", "v5p-32")
 OPTIMIZERS = ("adamw", "adafactor")
 BATCH_SIZE = 64  # the paper's
+SKIPPED = "skipped: a smaller model does not fit"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +178,10 @@ def search_cell(
     devices = devices_of(slice_name)
     for settings in LADDER:
         key = json.dumps(dataclasses.asdict(settings), sort_keys=True)
-        if not applicable(settings, devices) or (key in skip and key not in tried):
+        if not applicable(settings, devices):
+            continue
+        if key in skip and key not in tried:
+            yield {"settings": dataclasses.asdict(settings), "outcome": SKIPPED}
             continue
         result = tried.get(key) or try_settings(
             gin_args, size, slice_name, optimizer, settings, timeout
@@ -188,13 +192,28 @@ def search_cell(
             return
 
 
-def cell_summary(tries: Sequence[dict[str, Any]]) -> str:
-    """One table cell: the fitting settings and their share of HBM, or why none fits."""
-    for tried in tries:
-        if tried.get("fits"):
-            settings = Settings(**tried["settings"])
-            share = tried["total_bytes"] / tried["hbm_bytes"]
-            return f"{settings.describe()}: {tried['total_bytes'] / GiB:.1f} GiB ({share:.0%})"
+def fitting_try(tries: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((t for t in tries if t.get("fits")), None)
+
+
+def cell_summary(tries: Sequence[dict[str, Any]], devices: int) -> str:
+    """One table cell: the fitting settings and their share of HBM, or why none fits.
+
+    A fit found before the cheaper settings of the ladder were tried (one compiled by hand)
+    says so."""
+    fit = fitting_try(tries)
+    if fit is not None:
+        settings = Settings(**fit["settings"])
+        share = fit["total_bytes"] / fit["hbm_bytes"]
+        done = {json.dumps(t["settings"], sort_keys=True) for t in tries}
+        untried = [
+            s
+            for s in LADDER[: LADDER.index(settings) if settings in LADDER else None]
+            if applicable(s, devices)
+            and json.dumps(dataclasses.asdict(s), sort_keys=True) not in done
+        ]
+        note = "; cheaper settings not tried yet" if untried else ""
+        return f"{settings.describe()}: {fit['total_bytes'] / GiB:.1f} GiB ({share:.0%}{note})"
     for tried in tries:
         if state_leaves_no_room(tried):
             return f"no: state alone {tried['argument_bytes'] / GiB:.1f} GiB a chip"
@@ -236,7 +255,10 @@ def render_markdown(
             "|---|" + "---|" * len(slices),
         ]
         for size in sizes:
-            cells = [cell_summary(results.get(cell_key(size, s, optimizer), [])) for s in slices]
+            cells = [
+                cell_summary(results.get(cell_key(size, s, optimizer), []), devices_of(s))
+                for s in slices
+            ]
             lines.append(f"| {size} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -246,10 +268,6 @@ def pod_file_stem(slice_name: str) -> str:
     """'v5e_16' for v5litepod-16: the name of the slice's file in gin_configs/pods/."""
     generation, _ = parse_topology(slice_name)
     return f"{generation}_{slice_name.rsplit('-', 1)[1]}"
-
-
-def fitting_try(tries: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    return next((t for t in tries if t.get("fits")), None)
 
 
 def write_pod_files(results: dict[str, list[dict[str, Any]]], directory: Path) -> list[Path]:
@@ -263,16 +281,19 @@ def write_pod_files(results: dict[str, list[dict[str, Any]]], directory: Path) -
                 continue
             stem = pod_file_stem(slice_name)
             settings = Settings(**adamw["settings"])
-            adafactor = cell_summary(results.get(cell_key(size, slice_name, "adafactor"), []))
-            share = adamw["total_bytes"] / adamw["hbm_bytes"]
+            devices = devices_of(slice_name)
+            found = {
+                optimizer: cell_summary(
+                    results.get(cell_key(size, slice_name, optimizer), []), devices
+                )
+                for optimizer in OPTIMIZERS
+            }
             path = directory / f"{stem}_{size}.gin"
             path.write_text(
-                f"# T5 1.1 {size} with AdamW on a TPU {slice_name}: "
-                f"{adamw['total_bytes'] / GiB:.1f} of {adamw['hbm_bytes'] / GiB:.0f} GiB a "
-                f"chip ({share:.0%}) by XLA,\n"
-                "# the cheapest settings `python -m dsbs_jax.pod_table` found "
-                "(docs/pod_table.md; written by it).\n"
-                f'# Adafactor (--gin.make_optimizer.name=\\"adafactor\\"): {adafactor}.\n'
+                f"# T5 1.1 {size} on a TPU {slice_name}, settings XLA fits (total per chip), as\n"
+                "# `python -m dsbs_jax.pod_table` found them (docs/pod_table.md; written by it).\n"
+                f"# AdamW, set here: {found['adamw']}.\n"
+                f'# Adafactor (--gin.make_optimizer.name=\\"adafactor\\"): {found["adafactor"]}.\n'
                 "# It replaces the run file's model. Add after the run file:\n"
                 "#   python -m dsbs_jax.train --gin_file=runs/cqa_step_by_step.gin "
                 f"--gin_file=pods/{path.name} ...\n"

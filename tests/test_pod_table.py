@@ -38,7 +38,11 @@ def test_search_goes_up_the_ladder_to_the_first_fit(monkeypatch):
     tries = list(pod_table.search_cell([], "xl", "v5litepod-16", "adamw", 60))
     assert compiled == list(LADDER[:4])
     assert [t["outcome"] for t in tries] == ["does not fit"] * 3 + ["fits"]
-    assert pod_table.cell_summary(tries) == "mp1 p2 full: 12.0 GiB (75%)"
+    assert pod_table.cell_summary(tries, 16) == "mp1 p2 full: 12.0 GiB (75%)"
+    by_hand = tries[-1:]  # a fit compiled before the cheaper settings were
+    assert pod_table.cell_summary(by_hand, 16) == (
+        "mp1 p2 full: 12.0 GiB (75%; cheaper settings not tried yet)"
+    )
 
 
 def test_search_skips_what_the_slice_cannot_hold_and_resumes(monkeypatch):
@@ -47,12 +51,12 @@ def test_search_skips_what_the_slice_cannot_hold_and_resumes(monkeypatch):
     # v4-8 has 4 chips: no 8 or 16 partitions; 64 rows split over the data axis.
     first = list(pod_table.search_cell([], "xxl", "v4-8", "adamw", 60))
     assert all(s.num_partitions <= 4 for s in compiled) and len(first) == 7
-    assert pod_table.cell_summary(first) == "no: at least 20.0 GiB (mp1 p1 none)"
+    assert pod_table.cell_summary(first, 4) == "no: at least 20.0 GiB (mp1 p1 none)"
     compiled.clear()  # a resumed run repeats nothing; a smaller model's misfits are skipped
     done, too_big = first[:2], [first[2]["settings"]]
     again = list(pod_table.search_cell([], "xxl", "v4-8", "adamw", 60, done, too_big))
-    assert compiled == [s for s in LADDER[3:7]]
-    assert len(again) == 4
+    assert compiled == list(LADDER[3:7])
+    assert [t["outcome"] for t in again] == [pod_table.SKIPPED] + ["does not fit"] * 4
     assert pod_table.applicable(Settings(8, 2, "full"), 64) and not pod_table.applicable(
         Settings(1, 1, "none"), 128
     )  # 64 rows on 128 data-parallel chips
@@ -63,7 +67,7 @@ def test_search_stops_when_the_split_state_alone_leaves_no_room(monkeypatch):
     monkeypatch.setattr(pod_table, "try_settings", fake)
     tries = list(pod_table.search_cell([], "xxl", "v4-8", "adamw", 60))
     assert compiled == list(LADDER[:2])  # the first 2-D try shows the state cannot fit
-    assert pod_table.cell_summary(tries) == "no: state alone 40.0 GiB a chip"
+    assert pod_table.cell_summary(tries, 4) == "no: state alone 40.0 GiB a chip"
 
 
 def test_table_renders_from_the_results_and_bad_names_exit_2(tmp_path, capsys):
@@ -81,7 +85,7 @@ def test_table_renders_from_the_results_and_bad_names_exit_2(tmp_path, capsys):
     assert pod_table.main([*argv, "--sizes=xl,xxl", "--slices=v4-32,v5p-8"]) == 0
     table = markdown.read_text()
     assert "| v4-32 (16 chips, 32 GiB) | v5p-8 (4 chips, 95 GiB) |" in table
-    assert "| xxl | mp4 p2 a2 full: 25.0 GiB (78%) | not compiled yet |" in table
+    assert "| xxl | mp4 p2 a2 full: 25.0 GiB (78%; cheaper settings not tried yet) |" in table
     assert "| xl | not compiled yet | not compiled yet |" in table
     with pytest.raises(SystemExit) as exit_info:
         pod_table.main([*argv, "--slices=v9-8"])
@@ -95,7 +99,7 @@ def test_pod_files_set_the_settings_found_after_a_run_file(tmp_path):
     from dsbs_jax.gin_utils import parse_gin
 
     found = {
-        "settings": dataclasses.asdict(Settings(8, 2, "minimal")),
+        "settings": dataclasses.asdict(Settings(8, 2, "minimal")),  # not on the ladder
         "outcome": "fits",
         "fits": True,
         "total_bytes": 11 * GiB,
