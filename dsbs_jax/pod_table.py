@@ -85,7 +85,7 @@ LADDER = (
 
 def devices_of(slice_name: str) -> int:
     """JAX devices (chips) of a slice, as `dsbs_jax.aot` counts them."""
-    generation, topology = parse_topology(slice_name)
+    _, topology = parse_topology(slice_name)
     count = 1
     for side in topology.split(":")[1].split("x"):
         count *= int(side)
@@ -192,8 +192,15 @@ def search_cell(
             return
 
 
+def ladder_rank(settings: Settings) -> int:
+    """Place on `LADDER`, cheapest 0; settings off the ladder come after it."""
+    return LADDER.index(settings) if settings in LADDER else len(LADDER)
+
+
 def fitting_try(tries: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    return next((t for t in tries if t.get("fits")), None)
+    """The cheapest try that fits (tries compiled by hand may come first in the list)."""
+    fits = [t for t in tries if t.get("fits")]
+    return min(fits, key=lambda t: ladder_rank(Settings(**t["settings"])), default=None)
 
 
 def cell_summary(tries: Sequence[dict[str, Any]], devices: int) -> str:
@@ -208,7 +215,7 @@ def cell_summary(tries: Sequence[dict[str, Any]], devices: int) -> str:
         done = {json.dumps(t["settings"], sort_keys=True) for t in tries}
         untried = [
             s
-            for s in LADDER[: LADDER.index(settings) if settings in LADDER else None]
+            for s in LADDER[: ladder_rank(settings)]
             if applicable(s, devices)
             and json.dumps(dataclasses.asdict(s), sort_keys=True) not in done
         ]

@@ -428,33 +428,3 @@ def test_model_axis_across_hosts_feeds_the_rows_each_host_holds():
     assert [r["shard"] for r in reports] == [[0, 2], [0, 2], [1, 2], [1, 2]]
     want = float((np.arange(8 * 3, dtype=np.float32) ** 2).sum())
     assert all(r["total"] == want and r["shape"] == [8, 3] for r in reports)
-
-
-@pytest.mark.parametrize(
-    "pod_file, preset, num_partitions, remat, activation_dims",
-    [
-        ("pods/v4_32_xxl.gin", "xxl", 4, "full", 2),
-        ("pods/v5p_32_xxl.gin", "xxl", 4, "minimal", 1),
-        ("pods/v5e_64_xxl.gin", "xxl", 8, "full", 1),
-        ("pods/v5e_16_xl.gin", "xl", 4, "full", 2),
-    ],
-)
-def test_pod_files_per_model_size_set_what_xla_verified(
-    pod_file, preset, num_partitions, remat, activation_dims
-):
-    """The settings docs/tpu.md lists as fitting, by `python -m dsbs_jax.aot`, after a run file."""
-    from dsbs_jax.gin_utils import parse_gin
-
-    try:
-        parse_gin(["runs/cqa_step_by_step.gin", pod_file], [], [])
-        assert gin.query_parameter("t5_config.preset") == preset
-        assert gin.query_parameter("BATCH_SIZE/macro.value") == 64
-        assert gin.query_parameter("Partitioner.num_partitions") == num_partitions
-        assert gin.query_parameter("Partitioner.parameter_partitioning_dims") == 2
-        assert gin.query_parameter("Partitioner.activation_partitioning_dims") == activation_dims
-        assert gin.query_parameter("t5_config.scan_layers") is True
-        assert gin.query_parameter("t5_config.remat_policy") == remat
-        assert gin.query_parameter("t5_config.float32_attention_logits") is False
-        assert gin.query_parameter("make_optimizer.name") == "adamw"
-    finally:
-        gin.clear_config()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,8 @@ def test_search_goes_up_the_ladder_to_the_first_fit(monkeypatch):
     assert pod_table.cell_summary(by_hand, 16) == (
         "mp1 p2 full: 12.0 GiB (75%; cheaper settings not tried yet)"
     )
+    costly = {**tries[-1], "settings": dataclasses.asdict(LADDER[6]), "total_bytes": 8 * GiB}
+    assert pod_table.cell_summary([costly, *tries], 16) == "mp1 p2 full: 12.0 GiB (75%)"
 
 
 def test_search_skips_what_the_slice_cannot_hold_and_resumes(monkeypatch):
@@ -122,3 +125,42 @@ def test_pod_files_set_the_settings_found_after_a_run_file(tmp_path):
         assert gin.query_parameter("t5_config.scan_layers") is True
     finally:
         gin.clear_config()
+
+
+def test_committed_pod_files_set_the_cheapest_fit_of_the_committed_table():
+    """Every gin_configs/pods/<slice>_<size>.gin sets what docs/pod_table.json says fits."""
+    import gin
+
+    from dsbs_jax.gin_utils import parse_gin
+
+    root = Path(__file__).resolve().parents[1]
+    results = json.loads((root / "docs" / "pod_table.json").read_text())
+    checked = 0
+    for size in pod_table.SIZES:
+        for slice_name in pod_table.SLICES:
+            name = f"{pod_table.pod_file_stem(slice_name)}_{size}.gin"
+            fit = pod_table.fitting_try(
+                results.get(pod_table.cell_key(size, slice_name, "adamw"), [])
+            )
+            assert (root / "gin_configs" / "pods" / name).is_file() == (fit is not None), name
+            if fit is None:
+                continue
+            try:
+                parse_gin(["runs/cqa_step_by_step.gin", f"pods/{name}"], [], [])
+                settings = fit["settings"]
+                assert gin.query_parameter("t5_config.preset") == size
+                assert gin.query_parameter("BATCH_SIZE/macro.value") == pod_table.BATCH_SIZE
+                assert gin.query_parameter("make_optimizer.name") == "adamw"
+                for gin_name, key in (
+                    ("Partitioner.num_partitions", "num_partitions"),
+                    ("Partitioner.parameter_partitioning_dims", "parameter_partitioning_dims"),
+                    ("Partitioner.activation_partitioning_dims", "activation_partitioning_dims"),
+                    ("t5_config.remat_policy", "remat_policy"),
+                ):
+                    assert gin.query_parameter(gin_name) == settings[key], (name, gin_name)
+                assert gin.query_parameter("t5_config.scan_layers") is True
+                assert gin.query_parameter("t5_config.float32_attention_logits") is False
+            finally:
+                gin.clear_config()
+            checked += 1
+    assert checked >= 20  # small to xl fit every slice with AdamW
