@@ -238,7 +238,7 @@ def score_batches(
     with _progress(len(inputs), "score") as bar:
         for positions, tokens in length_sorted_batches(inputs, inputs_length, batch_size, sizes):
             batch_candidates = [candidates[i] for i in positions]
-            length = scoring.tree_length(batch_candidates)
+            length = scoring.tree_length([sizes[i] for i in positions])
             packed = scoring.pack_candidates(
                 batch_candidates, batch_size, length, width, label_length
             )

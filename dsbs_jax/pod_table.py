@@ -173,20 +173,19 @@ def search_cell(
     """Tries `LADDER` for one cell and yields each new try; stops after the first that fits
     or once no setting can. Tries already in `done_tries` are not repeated, and settings in
     `too_big` (ones a smaller model did not fit on the slice) are not tried."""
-    tried = {json.dumps(t["settings"], sort_keys=True): t for t in done_tries}
-    skip = {json.dumps(settings, sort_keys=True) for settings in too_big}
+    tried = {Settings(**t["settings"]): t for t in done_tries}
+    skip = {Settings(**settings) for settings in too_big}
     devices = devices_of(slice_name)
     for settings in LADDER:
-        key = json.dumps(dataclasses.asdict(settings), sort_keys=True)
         if not applicable(settings, devices):
             continue
-        if key in skip and key not in tried:
+        if settings in skip and settings not in tried:
             yield {"settings": dataclasses.asdict(settings), "outcome": SKIPPED}
             continue
-        result = tried.get(key) or try_settings(
+        result = tried.get(settings) or try_settings(
             gin_args, size, slice_name, optimizer, settings, timeout
         )
-        if key not in tried:
+        if settings not in tried:
             yield result
         if result.get("fits") or state_leaves_no_room(result):
             return
@@ -212,12 +211,9 @@ def cell_summary(tries: Sequence[dict[str, Any]], devices: int) -> str:
     if fit is not None:
         settings = Settings(**fit["settings"])
         share = fit["total_bytes"] / fit["hbm_bytes"]
-        done = {json.dumps(t["settings"], sort_keys=True) for t in tries}
+        done = {Settings(**t["settings"]) for t in tries}
         untried = [
-            s
-            for s in LADDER[: ladder_rank(settings)]
-            if applicable(s, devices)
-            and json.dumps(dataclasses.asdict(s), sort_keys=True) not in done
+            s for s in LADDER[: ladder_rank(settings)] if applicable(s, devices) and s not in done
         ]
         note = "; cheaper settings not tried yet" if untried else ""
         return f"{settings.describe()}: {fit['total_bytes'] / GiB:.1f} GiB ({share:.0%}{note})"

@@ -48,13 +48,13 @@ def prefix_tree(candidates: Candidates) -> tuple[list[tuple[int, ...]], list[lis
 
 def tree_size(candidates: Candidates) -> int:
     """Decoder positions the candidates' prefix tree takes."""
-    return len({tuple(ids[:end]) for ids in candidates for end in range(len(ids))})
+    return len(prefix_tree(candidates)[0])
 
 
-def tree_length(candidates: Sequence[Candidates], multiple: int = 4) -> int:
-    """Decoder row length that holds every input's prefix tree, a multiple of `multiple`."""
-    longest = max((tree_size(c) for c in candidates), default=1)
-    return -(-longest // multiple) * multiple
+def tree_length(sizes: Sequence[int], multiple: int = 4) -> int:
+    """Decoder row length that holds prefix trees of `sizes` (`tree_size`) positions, a
+    multiple of `multiple`."""
+    return -(-max(sizes, default=1) // multiple) * multiple
 
 
 def pack_candidates(

@@ -106,7 +106,7 @@ def test_prefix_tree_lists_each_shared_prefix_once():
     assert prefixes == [(), (5,), (5, 6), (7,)]
     assert paths == [[0, 1, 2], [0, 1], [0, 3], [0, 1, 2]]
     assert scoring.tree_size(candidates) == 4
-    assert scoring.tree_length([candidates, [[9, 1]]]) == 4
+    assert scoring.tree_length([4, scoring.tree_size([[9, 1]])]) == 4
     packed = scoring.pack_candidates([candidates], 2, 8, 5, 3)
     assert packed["decoder_input_tokens"][0, :4].tolist() == [0, 5, 6, 7]
     assert packed["decoder_positions"][0, :4].tolist() == [0, 1, 2, 1]
@@ -135,7 +135,7 @@ def test_prefix_tree_scores_equal_a_loop_over_candidates(tiny, length_normalized
     enc = np.zeros((4, 48), np.int32)
     for i, x in enumerate(inputs):
         enc[i, : len(x)] = x
-    length = scoring.tree_length(candidates)
+    length = scoring.tree_length([scoring.tree_size(c) for c in candidates])
     assert length < sum(len(ids) for ids in candidates[0])  # shared prefixes computed once
     packed = scoring.pack_candidates(candidates, 4, length, width, label_length)
     scores = np.asarray(
