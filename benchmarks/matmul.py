@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -61,6 +62,22 @@ def dot_operand_types(hlo_text: str) -> list[tuple[str, str]]:
     types = dict(re.findall(r"(%[\w.-]+) = (\w+)\[", hlo_text))
     dots = re.findall(r"= \w+\[[^\]]*\]\S* dot\((%[\w.-]+), (%[\w.-]+)\)", hlo_text)
     return [(types[a], types[b]) for a, b in dots]
+
+
+def dot_gflop(hlo_text: str) -> float:
+    """GFLOP of matrix work in compiled HLO text (2 per multiply-add): every dot's result
+    elements times its contracted size. A dot in a loop body (scanned layers) counts once."""
+    dims = dict(re.findall(r"(%[\w.-]+) = \w+\[([\d,]*)\]", hlo_text))
+    dots = re.findall(
+        r"= \w+\[([\d,]*)\]\S* dot\((%[\w.-]+), %[\w.-]+\).*?lhs_contracting_dims=\{([\d,]*)\}",
+        hlo_text,
+    )
+    flops = 0
+    for result, lhs, contracting in dots:
+        lhs_dims = [int(d) for d in dims[lhs].split(",") if d]
+        size = math.prod(lhs_dims[int(i)] for i in contracting.split(",") if i)
+        flops += 2 * math.prod(int(d) for d in result.split(",") if d) * size
+    return flops / 1e9
 
 
 def converts_operands(hlo_text: str) -> bool:

@@ -89,6 +89,9 @@ def decode_text(vocabulary: seqio.Vocabulary, tokens: np.ndarray, eos_id: int) -
 
 
 MIN_PADDED_LENGTH = 32
+# Score mode's program compiles in a fraction of the decoding loop's time, so its batches take
+# a finer grid of lengths (less padding, twice the shapes).
+SCORE_STEPS_PER_OCTAVE = 8
 MODES = ("generate", "score")
 
 
@@ -134,16 +137,17 @@ def metric_key(split: str, task_name: str, metric: str, mode: str) -> str:
     )
 
 
-def padded_length(longest: int, inputs_length: int) -> int:
+def padded_length(longest: int, inputs_length: int, steps_per_octave: int = 4) -> int:
     """The length a batch whose longest input has `longest` tokens is padded to.
 
-    Quarter-octave steps from MIN_PADDED_LENGTH (32, 40, 48, 56, 64, 80, 96, ...) up to
-    `inputs_length`: at most a quarter more tokens than the longest input, four compiled
-    shapes per doubling, each a multiple of 8.
+    Steps of 1/`steps_per_octave` of an octave from MIN_PADDED_LENGTH up to
+    `inputs_length`. Four (32, 40, 48, 56, 64, 80, 96, ...): at most a quarter more tokens
+    than the longest input, four compiled shapes per doubling, each a multiple of 8. Eight
+    (32, 36, 40, ..., 64, 72, ...): an eighth more at most, twice the shapes.
     """
     length = MIN_PADDED_LENGTH
     while length < longest:
-        length += (1 << (length.bit_length() - 1)) // 4  # a quarter of the octave's start
+        length += (1 << (length.bit_length() - 1)) // steps_per_octave
     return max(min(length, inputs_length), 1)
 
 
@@ -152,24 +156,32 @@ def length_sorted_batches(
     inputs_length: int,
     batch_size: int,
     sizes: Sequence[int] | None = None,
+    row_multiple: int | None = None,
+    steps_per_octave: int = 4,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields (positions in `inputs`, [batch_size, padded length] tokens), shortest first.
+    """Yields (positions in `inputs`, [rows, padded length] tokens), shortest first.
 
     Inputs of similar length share a batch, so few are padded far: they are ordered by
-    padded length (`padded_length`), then by `sizes` when given (the decoder's work per
-    input, so batches of one padded length also share decoder lengths), then by length.
-    The one partial batch comes first, among the shortest inputs, filled with all-padding
-    rows. Inputs longer than `inputs_length` are truncated.
+    padded length (`padded_length` with `steps_per_octave`), then by `sizes` when given
+    (the decoder's work per input, so batches of one padded length also share decoder
+    lengths), then by length.
+    Batches have `batch_size` rows but the one partial batch, which comes first, among the
+    shortest inputs: its rows are its inputs' count rounded up to a multiple of
+    `row_multiple` (None: `batch_size`, one shape fewer to compile), the rest all padding.
+    Inputs longer than `inputs_length` are truncated.
     """
     lengths = [min(len(ids), inputs_length) for ids in inputs]
-    buckets = [padded_length(n, inputs_length) for n in lengths]
+    buckets = [padded_length(n, inputs_length, steps_per_octave) for n in lengths]
     order = np.lexsort((lengths, np.zeros(len(inputs)) if sizes is None else sizes, buckets))
     first = len(order) % batch_size or batch_size
+    multiple = row_multiple or batch_size
     ends = range(first, len(order) + 1, batch_size)
     for start, end in zip([0, *ends], ends, strict=False):
         positions = order[start:end]
         longest = max(lengths[i] for i in positions)
-        tokens = np.zeros((batch_size, padded_length(longest, inputs_length)), np.int32)
+        rows = min(-(-len(positions) // multiple) * multiple, batch_size)
+        length = padded_length(longest, inputs_length, steps_per_octave)
+        tokens = np.zeros((rows, length), np.int32)
         for row, i in enumerate(positions):
             tokens[row, : lengths[i]] = list(inputs[i])[: lengths[i]]
         yield positions, tokens
@@ -226,33 +238,61 @@ def score_batches(
     length_normalized: bool = False,
 ) -> list[int]:
     """Index of the likeliest candidate of each input (`candidates[i]`: token ids, EOS
-    included), in order. Every batch has as many candidate slots as the widest input and
-    as many tokens per slot as the longest candidate, and decoder rows as long as its largest
-    prefix tree (`scoring.tree_length`), so few programs are compiled."""
+    included), in order.
+
+    A batch's inputs share decoder rows in groups (`scoring.trees_per_row`,
+    `scoring.pack_batch`) of about the same prefix-tree total, so rows are nearly full.
+    Every batch has as many candidate slots as the widest input, as many tokens per slot as
+    the longest candidate, and decoder rows as long as its largest group, so few programs
+    are compiled. Each batch is packed while the one before it runs.
+    """
     if not inputs:
         return []
     width = max(len(c) for c in candidates)
     label_length = max(len(ids) for c in candidates for ids in c)
     sizes = [scoring.tree_size(c) for c in candidates]
+    data_shards = partitioner.mesh.shape["data"]
+    group = scoring.trees_per_row(batch_size, data_shards)
+    batches = length_sorted_batches(
+        inputs,
+        inputs_length,
+        batch_size,
+        sizes,
+        row_multiple=group * data_shards,
+        steps_per_octave=SCORE_STEPS_PER_OCTAVE,
+    )
     best = [0] * len(inputs)
+    pending = None
     with _progress(len(inputs), "score") as bar:
-        for positions, tokens in length_sorted_batches(inputs, inputs_length, batch_size, sizes):
-            batch_candidates = [candidates[i] for i in positions]
-            length = scoring.tree_length([sizes[i] for i in positions])
-            packed = scoring.pack_candidates(
-                batch_candidates, batch_size, length, width, label_length
+
+        def record(positions: np.ndarray, order: list[int], scores: jax.Array) -> None:
+            picks = np.argmax(multihost_utils.process_allgather(scores, tiled=True), axis=-1)
+            for row, pick in zip(order, picks, strict=True):
+                if row < len(positions):
+                    best[positions[row]] = int(pick)
+            bar.update(len(positions))
+
+        for positions, tokens in batches:
+            order, features = scoring.pack_batch(
+                tokens,
+                [candidates[i] for i in positions],
+                [sizes[i] for i in positions],
+                group,
+                width,
+                label_length,
             )
-            batch = {"encoder_input_tokens": tokens, **packed}
-            local = partitioner.shard_batch(partitioner.host_slice(batch))
-            encoder_input_tokens = local.pop("encoder_input_tokens")
+            encoder = {"encoder_input_tokens": features.pop("encoder_input_tokens")}
+            local = partitioner.shard_batch(partitioner.host_slice(features))
+            local_encoder = partitioner.shard_batch(partitioner.host_slice(encoder))
             with partitioner.activation_rules():
                 scores = scoring.candidate_log_likelihoods(
-                    model, params, encoder_input_tokens, local, length_normalized
+                    model, params, local_encoder["encoder_input_tokens"], local, length_normalized
                 )
-            scores = multihost_utils.process_allgather(scores, tiled=True)
-            for position, row in zip(positions, np.argmax(scores, axis=-1), strict=False):
-                best[position] = int(row)
-            bar.update(len(positions))
+            if pending:  # read the previous batch while this one runs
+                record(*pending)
+            pending = (positions, order, scores)
+        if pending:
+            record(*pending)
     return best
 
 
@@ -295,27 +335,35 @@ def score_texts(
     return [labels[pick] for labels, pick in zip(candidates, picks, strict=True)]
 
 
-def predict_task(
-    mode: str,
-    model: T5,
-    params: PyTree,
-    partitioner: Partitioner,
-    task: seqio.Task,
-    split: str,
-    inputs_length: int,
-    batch_size: int,
-    max_decode_length: int,
-    length_normalized: bool = False,
-) -> list[dict[str, str]]:
-    """Predicts the label of every example of a task's split, generated or scored:
-    [{id, input, target, prediction}]."""
+def read_split(
+    task: seqio.Task, split: str, inputs_length: int, max_decode_length: int
+) -> list[dict[str, Any]]:
+    """A task's split as tokenized examples, in order: read once and kept for every
+    evaluation of a run (`dsbs_jax.training.SplitEvaluator`)."""
     ds = task.get_dataset(
         {"inputs": inputs_length, "targets": max_decode_length},
         split=split,
         shuffle=False,
         num_epochs=1,
     )
-    examples = list(ds.as_numpy_iterator())
+    return list(ds.as_numpy_iterator())
+
+
+def predict_labels(
+    mode: str,
+    model: T5,
+    params: PyTree,
+    partitioner: Partitioner,
+    task: seqio.Task,
+    split: str,
+    examples: Sequence[Mapping[str, Any]],
+    inputs_length: int,
+    batch_size: int,
+    max_decode_length: int,
+    length_normalized: bool = False,
+) -> list[dict[str, str]]:
+    """Predicts the label of every example of a task's split (`read_split`), generated or
+    scored: [{id, input, target, prediction}]."""
     vocabulary = task.output_features["targets"].vocabulary
     inputs = [ex["inputs"] for ex in examples]
     if mode == "score":

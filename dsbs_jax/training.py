@@ -345,7 +345,8 @@ def train(
 
 class SplitEvaluator:
     """Validation/test evaluation: teacher-forced losses of the mixture, and label metrics in
-    each mode of `evaluation.label_evaluation` (generated, scored among candidates)."""
+    each mode of `evaluation.label_evaluation` (generated, scored among candidates). A task's
+    split is read once, at its first evaluation, and kept for the later ones."""
 
     def __init__(
         self,
@@ -360,6 +361,7 @@ class SplitEvaluator:
         self._batch_size = batch_size
         self._max_decode_length = max_decode_length or lengths["targets"]
         self._labels = evaluation.label_evaluation()
+        self._examples: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
     def __call__(self, params: Any, split: str) -> dict[str, float]:
         student = self._run
@@ -375,14 +377,19 @@ class SplitEvaluator:
         results = {f"{split}/{k}": v for k, v in losses.items()}
         labels = self._labels
         for task in evaluation.metric_tasks(self._name):
+            if (task.name, split) not in self._examples:
+                self._examples[task.name, split] = evaluation.read_split(
+                    task, split, self._lengths["inputs"], self._max_decode_length
+                )
             for mode in labels.modes:
-                rows = evaluation.predict_task(
+                rows = evaluation.predict_labels(
                     mode,
                     student.model,
                     params,
                     student.partitioner,
                     task,
                     split,
+                    self._examples[task.name, split],
                     self._lengths["inputs"],
                     labels.batch_size or self._batch_size,
                     self._max_decode_length,

@@ -54,7 +54,9 @@ def test_train_throughput(common_args, tmp_path: Path):
     assert top and all(" = " in op["op"] and op["seconds"] > 0 for op in top)
     figures = ("examples_per_s", "tokens_per_s", "step_time_median_s", "peak_rss_mib", "gflops")
     for side in ("ours", "baseline"):
-        _positive(payload["results"][side], (*figures, "real_token_fraction"))
+        _positive(payload["results"][side], (*figures, "matrix_gflops", "real_token_fraction"))
+    ours = payload["results"]["ours"]  # XLA's count adds elementwise work to the dots
+    assert ours["matrix_gflop_per_step"] < ours["gflop_per_step"]
     _positive(payload["results"]["ours"], ("compile_s",))
     _positive(payload["ratios"], ("examples_per_s", "tokens_per_s"))
     assert payload["results"]["baseline"]["examples_per_step"] == 4
@@ -154,3 +156,15 @@ def test_converts_operands_looks_for_a_float32_copy_of_the_operand():
     assert matmul.dot_operand_types(hlo) == [("f32", "f32")]
     assert matmul.converts_operands(hlo)
     assert not matmul.converts_operands(hlo.replace("dot(%c, %d)", "dot(%a, %b)"))
+
+
+def test_dot_gflop_counts_each_dot_by_its_result_and_contracted_size():
+    import jax
+    import jax.numpy as jnp
+
+    def attend(x, w, keys):  # [4, 8, 16] @ [16, 16], then a batched dot with [4, 5, 16]
+        return jnp.einsum("bqd,bkd->bqk", x @ w, keys)
+
+    args = (jnp.ones((4, 8, 16)), jnp.ones((16, 16)), jnp.ones((4, 5, 16)))
+    hlo = jax.jit(attend).lower(*args).compile().as_text()
+    assert matmul.dot_gflop(hlo) * 1e9 == pytest.approx(2 * 32 * 16 * 16 + 2 * 4 * 8 * 5 * 16)

@@ -107,19 +107,37 @@ def test_prefix_tree_lists_each_shared_prefix_once():
     assert paths == [[0, 1, 2], [0, 1], [0, 3], [0, 1, 2]]
     assert scoring.tree_size(candidates) == 4
     assert scoring.tree_length([4, scoring.tree_size([[9, 1]])]) == 4
-    packed = scoring.pack_candidates([candidates], 2, 8, 5, 3)
-    assert packed["decoder_input_tokens"][0, :4].tolist() == [0, 5, 6, 7]
-    assert packed["decoder_positions"][0, :4].tolist() == [0, 1, 2, 1]
+    # Two inputs share row 0 (segments 1 and 2); row 1 is padding.
+    packed = scoring.pack_candidates([[candidates, [[9, 1]]], [[], []]], 8, 5, 3)
+    assert packed["decoder_input_tokens"][0, :6].tolist() == [0, 5, 6, 7, 0, 9]
+    assert packed["decoder_positions"][0, :6].tolist() == [0, 1, 2, 1, 0, 1]
+    assert packed["decoder_segment_ids"].tolist() == [[1, 1, 1, 1, 2, 2, 0, 0], [0] * 8]
     sees = packed["decoder_self_attention_mask"][0]
-    assert [np.flatnonzero(sees[node]).tolist() for node in range(4)] == [
+    assert [np.flatnonzero(sees[node]).tolist() for node in range(6)] == [
         [0],
         [0, 1],
         [0, 1, 2],
         [0, 3],
+        [4],
+        [4, 5],
     ]
     assert packed["candidate_tokens"][0, 1].tolist() == [5, 1, 0]
     assert packed["candidate_prefixes"][0, 1].tolist() == [0, 1, 0]
+    assert packed["candidate_tokens"][0, 5].tolist() == [9, 1, 0]  # the second input's slot 0
+    assert packed["candidate_prefixes"][0, 5].tolist() == [4, 5, 0]
     assert not packed["candidate_tokens"][0, 4].any() and not packed["candidate_tokens"][1].any()
+
+
+def test_groups_balance_tree_sizes_and_keep_data_shards_whole():
+    sizes = [9, 1, 5, 5, 2, 8, 0, 6]
+    groups = scoring.balanced_groups(sizes, 4)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    totals = sorted(sum(sizes[i] for i in g) for g in groups)
+    assert totals == [17, 19]  # in order, the groups would hold 20 and 16
+    assert scoring.trees_per_row(64, 1) == 4
+    assert scoring.trees_per_row(64, 32) == 2  # 64 inputs over 32 shards: 2 per shard
+    assert scoring.trees_per_row(6, 1) == 2
+    assert scoring.trees_per_row(7, 1) == 1
 
 
 @pytest.mark.parametrize("length_normalized", [False, True])
@@ -135,9 +153,11 @@ def test_prefix_tree_scores_equal_a_loop_over_candidates(tiny, length_normalized
     enc = np.zeros((4, 48), np.int32)
     for i, x in enumerate(inputs):
         enc[i, : len(x)] = x
-    length = scoring.tree_length([scoring.tree_size(c) for c in candidates])
-    assert length < sum(len(ids) for ids in candidates[0])  # shared prefixes computed once
-    packed = scoring.pack_candidates(candidates, 4, length, width, label_length)
+    assert scoring.tree_size(candidates[0]) < sum(map(len, candidates[0]))  # prefixes shared
+    # Two inputs per decoder row: each segment sees only its own input's encoding.
+    groups = [candidates[:2], [candidates[2], []]]
+    length = scoring.tree_length([sum(scoring.tree_size(c) for c in g) for g in groups])
+    packed = scoring.pack_candidates(groups, length, width, label_length)
     scores = np.asarray(
         scoring.candidate_log_likelihoods(model, params, enc, packed, length_normalized)
     )
@@ -211,3 +231,8 @@ def test_padded_lengths_step_by_quarter_octaves_within_the_input_length():
     assert [t.shape for _, t in batches] == [(2, 32), (2, 32), (2, 40)]
     by_size = evaluation.length_sorted_batches(inputs, 128, 2, sizes=[1, 9, 1, 1, 5])
     assert [list(p) for p, _ in by_size] == [[2], [3, 4], [1, 0]]  # by size within 32 tokens
+    fine = evaluation.length_sorted_batches(inputs, 128, 2, row_multiple=1, steps_per_octave=8)
+    assert [t.shape for _, t in fine] == [(1, 32), (2, 32), (2, 40)]  # a one-row partial batch
+    eighths = sorted({evaluation.padded_length(n, 4096, 8) for n in range(1, 4097)})
+    assert eighths[:10] == [32, 36, 40, 44, 48, 52, 56, 60, 64, 72]
+    assert all(b <= 1.125 * a and b % 4 == 0 for a, b in zip(eighths, eighths[1:], strict=False))
