@@ -586,9 +586,14 @@ def _layer_stack(
     return functools.partial(layer, config)
 
 
-def _embed(config: T5Config, embedder: nn.Module, tokens: Array, enable_dropout: bool) -> Array:
-    """Token embedding (not rescaled, as in T5) followed by dropout."""
-    x = _dropout(config, embedder(tokens), enable_dropout)
+def _embed(config: T5Config, embedder: nn.Embed, tokens: Array, enable_dropout: bool) -> Array:
+    """Token embedding (not rescaled, as in T5) followed by dropout.
+
+    The rows are gathered before the cast to `config.dtype` (`nn.Embed` casts the whole
+    table first: a pass over 32128 rows a call in bfloat16); the result is the same.
+    """
+    x = jnp.take(embedder.embedding, tokens, axis=0).astype(config.dtype)
+    x = _dropout(config, x, enable_dropout)
     return nn.with_logical_constraint(x, _EMBED_AXES)
 
 
