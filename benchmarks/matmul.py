@@ -57,26 +57,43 @@ def _seconds(args: argparse.Namespace, multiply: Callable[[], Any]) -> list[floa
     return [common.timed(multiply)[0] for _ in range(args.steps)]
 
 
+def _definitions(hlo_text: str) -> dict[str, tuple[str, list[int]]]:
+    """Each instruction of compiled HLO text: name -> (element type, dimensions)."""
+    return {
+        name: (dtype, [int(d) for d in dims.split(",") if d])
+        for name, dtype, dims in re.findall(r"(%[\w.-]+) = (\w+)\[([\d,]*)\]", hlo_text)
+    }
+
+
+def _dots(hlo_text: str) -> list[tuple[list[int], str, str, list[int]]]:
+    """Every dot of compiled HLO text: (result dimensions, lhs name, rhs name, the lhs's
+    contracting dimensions)."""
+    dots = []
+    for result, lhs, rhs, rest in re.findall(
+        r"= \w+\[([\d,]*)\]\S* dot\((%[\w.-]+), (%[\w.-]+)\)(.*)", hlo_text
+    ):
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+        axes = contracting.group(1).split(",") if contracting else []
+        dots.append(
+            ([int(d) for d in result.split(",") if d], lhs, rhs, [int(i) for i in axes if i])
+        )
+    return dots
+
+
 def dot_operand_types(hlo_text: str) -> list[tuple[str, str]]:
     """The element types of the two operands of every dot in compiled HLO text."""
-    types = dict(re.findall(r"(%[\w.-]+) = (\w+)\[", hlo_text))
-    dots = re.findall(r"= \w+\[[^\]]*\]\S* dot\((%[\w.-]+), (%[\w.-]+)\)", hlo_text)
-    return [(types[a], types[b]) for a, b in dots]
+    definitions = _definitions(hlo_text)
+    return [(definitions[lhs][0], definitions[rhs][0]) for _, lhs, rhs, _ in _dots(hlo_text)]
 
 
 def dot_gflop(hlo_text: str) -> float:
     """GFLOP of matrix work in compiled HLO text (2 per multiply-add): every dot's result
     elements times its contracted size. A dot in a loop body (scanned layers) counts once."""
-    dims = dict(re.findall(r"(%[\w.-]+) = \w+\[([\d,]*)\]", hlo_text))
-    dots = re.findall(
-        r"= \w+\[([\d,]*)\]\S* dot\((%[\w.-]+), %[\w.-]+\).*?lhs_contracting_dims=\{([\d,]*)\}",
-        hlo_text,
-    )
+    definitions = _definitions(hlo_text)
     flops = 0
-    for result, lhs, contracting in dots:
-        lhs_dims = [int(d) for d in dims[lhs].split(",") if d]
-        size = math.prod(lhs_dims[int(i)] for i in contracting.split(",") if i)
-        flops += 2 * math.prod(int(d) for d in result.split(",") if d) * size
+    for result, lhs, _, contracting in _dots(hlo_text):
+        lhs_dims = definitions[lhs][1]
+        flops += 2 * math.prod(result) * math.prod(lhs_dims[i] for i in contracting)
     return flops / 1e9
 
 
