@@ -8,7 +8,9 @@ setup(
     description="Distilling Step-by-Step (Hsieh et al., 2023) in JAX/Flax with SeqIO and gin.",
     python_requires=">=3.10",
     packages=find_packages(include=["dsbs_jax", "dsbs_jax.*", "tasks", "tasks.*"]),
-    package_data={"dsbs_jax": ["py.typed", "prompts/*.txt"]},
+    # The run, model, data and t5x gin files ship inside the package: `--gin_file=runs/demo.gin`
+    # finds them from any directory, however the package was installed.
+    package_data={"dsbs_jax": ["py.typed", "prompts/*.txt", "gin_configs/**/*.gin"]},
     include_package_data=True,
     install_requires=[
         "jax==0.10.2",
@@ -29,6 +31,8 @@ setup(
         "matplotlib==3.11.2",
     ],
     extras_require={
+        # NVIDIA GPUs: JAX's CUDA 12 build at the pinned jax (CUDA and cuDNN from pip wheels).
+        "cuda": ["jax[cuda12]==0.10.2"],
         # Compiles for TPU slices on any host (python -m dsbs_jax.aot); the libtpu jax pins.
         "tpu": ["libtpu==0.0.42.1"],
         "test": [

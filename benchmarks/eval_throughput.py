@@ -115,8 +115,8 @@ def ensure_student(args: argparse.Namespace, dataset: str) -> Path:
             for _ in bar:
                 state, metrics = step(state, partitioner.shard_batch(next(batches)), rng)
                 bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-    with Checkpointer(out / "ours", keep_best=False) as checkpointer:
-        checkpointer.save(0, {"params": state.params}, data={}, force=True)
+    with Checkpointer(out / "ours") as checkpointer:
+        checkpointer.save(0, {"params": state.params}, {}, force=True)
     checkpoint_import.export_hf(state.params, config, str(out / "hf"))
     return out
 
@@ -142,6 +142,7 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
     dataset = common.prepare_data(args)
     student = ensure_student(args, dataset)
     from dsbs_jax import checkpoint_import, evaluation
+    from dsbs_jax.label_prediction import LabelPredictor
     from dsbs_jax.models.t5 import T5
     from dsbs_jax.partitioning import Partitioner
 
@@ -156,19 +157,17 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
         batch_size = args.score_batch_size if mode == "score" else args.batch_size
 
         def evaluate(mode: str = mode, batch_size: int = batch_size) -> dict[str, float]:
-            rows = evaluation.predict_labels(
-                mode,
+            predictor = LabelPredictor(
                 model,
                 params,
                 partitioner,
-                task,
-                SPLIT,
-                examples,
+                task.output_features["targets"].vocabulary,
                 args.inputs_length,
-                batch_size,
                 args.gen_max_len,
+                batch_size,
                 args.length_normalized,
             )
+            rows = evaluation.predict_labels(mode, predictor, task, SPLIT, examples)
             return evaluation.score(task, rows)
 
         first, _ = common.timed(evaluate)
@@ -188,7 +187,7 @@ def baseline(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import transformers
 
-    from dsbs_jax import evaluation
+    from dsbs_jax import evaluation, label_prediction
 
     torch.set_num_threads(args.threads)
     task, examples = _test_examples(dataset, args)
@@ -226,7 +225,7 @@ def baseline(args: argparse.Namespace) -> dict[str, Any]:
             )
             model(**batch).loss.item()
         return [
-            evaluation.decode_text(vocabulary, row[1:], vocabulary.eos_id)
+            label_prediction.decode_text(vocabulary, row[1:], vocabulary.eos_id)
             for row in generated.numpy()
         ]
 

@@ -111,8 +111,10 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import seqio
 
-    from dsbs_jax import trainer, training
+    from dsbs_jax import optimizers, trainer
     from dsbs_jax.input_pipeline import train_batches
+    from dsbs_jax.partitioning import Partitioner
+    from dsbs_jax.state import Student
 
     lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
     mixture = f"dsbs_{dataset}_step_by_step"
@@ -124,29 +126,22 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
     batches = [next(stream) for _ in range(1 + args.warmup + args.steps)]
     rss_before = common.current_rss_mib()
 
-    config = common.model_config(args)
-    model_config = dict(
-        preset=args.preset,
-        vocab_size=config.vocab_size,
-        dtype=config.dtype,
-        dropout_rate=config.dropout_rate,
-    )
     with_gin_alpha(args.alpha)
-    student = training.Student(mixture, lengths, model_config, 10_000, args.seed)
+    student = Student(common.model_config(args), Partitioner())
     partitioner = student.partitioner
+    optimizer = optimizers.make_optimizer(10_000)
+    state = student.init_train_state(optimizer, args.seed)
     rng = trainer.dropout_key(args.seed, args.use_hardware_rng)
     with partitioner.activation_rules():
-        step = jax.jit(
-            trainer.make_train_step(student.model, student.optimizer, 1, 0.0, 1e-4),
-            in_shardings=(
-                student.state_shardings,
-                partitioner.data_sharding,
-                partitioner.replicated,
-            ),
-            out_shardings=(student.state_shardings, partitioner.replicated),
-            donate_argnums=(0,),
+        step = trainer.jit_train_step(
+            student.model,
+            optimizer,
+            partitioner,
+            student.abstract_train_state(optimizer),
+            1,
+            0.0,
+            1e-4,
         )
-        state = student.state
         first = partitioner.shard_batch(batches[0])
         compile_s, compiled = common.timed(lambda: step.lower(state, first, rng).compile())
         times: list[tuple[float, float]] = []

@@ -34,9 +34,12 @@ from typing import Any
 import gin
 import jax
 
-from dsbs_jax import decoding, training
+from dsbs_jax import decoding, trainer
+from dsbs_jax.errors import UserError
 from dsbs_jax.gin_utils import run
+from dsbs_jax.model_config import build_model_config
 from dsbs_jax.models.t5 import T5Config
+from dsbs_jax.state import Student
 
 GiB = 2**30
 # Share of HBM a program may fill and still count as fitting with room for the runtime.
@@ -78,12 +81,12 @@ def parse_topology(name: str) -> tuple[str, str]:
         chips = count // 2 if megacore else count
         shapes = _TOPOLOGY_3D if megacore else _TOPOLOGY_2D
         if chips not in shapes or (megacore and count % 2):
-            raise ValueError(f"unknown slice size {name!r}; sizes: {sorted(shapes)} chips")
+            raise UserError(f"unknown slice size {name!r}; sizes: {sorted(shapes)} chips")
         return generation, f"{generation}:{shapes[chips]}"
     match = re.fullmatch(r"(v4|v5p|v5e|v6e):(\d+(?:x\d+)+)", name)
     if match:
         return match[1], name
-    raise ValueError(f"unknown TPU topology {name!r}; {accepted}")
+    raise UserError(f"unknown TPU topology {name!r}; {accepted}")
 
 
 def topology_devices(generation: str, topology: str) -> list[jax.Device]:
@@ -91,7 +94,7 @@ def topology_devices(generation: str, topology: str) -> list[jax.Device]:
     from jax.experimental import topologies
 
     if importlib.util.find_spec("libtpu") is None:
-        raise ValueError("libtpu is not installed; install it with pip install -e .[tpu]")
+        raise UserError("libtpu is not installed; install it with pip install -e .[tpu]")
     # Compile-only: other processes of this host may hold libtpu too (its lock file is for
     # real chips), and there are no TPU workers to look up.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -242,14 +245,19 @@ def compile_program(
     )
 
 
-def train_settings() -> dict[str, Any]:
-    """`dsbs_jax.training.train`'s arguments as gin binds them, defaults filled in."""
+def train_settings(devices: Sequence[jax.Device]) -> dict[str, Any]:
+    """`dsbs_jax.training.train`'s arguments as gin binds them, defaults filled in, with the
+    run's partitioner made over `devices` (the slice's compile-only ones)."""
+    from dsbs_jax import training  # TensorFlow's side: imported once gin_utils.run started it
+
+    with gin.unlock_config():
+        gin.bind_parameter("Partitioner.devices", list(devices))
     bound = gin.get_bindings(training.train)
     settings = {}
     for name, parameter in inspect.signature(training.train).parameters.items():
         value = bound.get(name, parameter.default)
         if value is gin.REQUIRED and name != "model_dir":
-            raise ValueError(f"train.{name} is not set; give it in a gin file or --gin.{name}")
+            raise UserError(f"train.{name} is not set; give it in a gin file or --gin.{name}")
         settings[name] = value
     return settings
 
@@ -271,35 +279,38 @@ PROGRAMS = ("train_step", "eval_step", "decode")
 
 
 def compile_for_topology(
-    topology_name: str, json_path: str | None, programs: Sequence[str] = PROGRAMS
+    topology_name: str,
+    json_path: str | None,
+    programs: Sequence[str] = PROGRAMS,
+    check: bool = False,
 ) -> dict[str, Any]:
     """Compiles train, eval and decode steps (or those named) for the slice; prints and
-    returns the report."""
+    returns the report. `check` stops after the settings and the slice's mesh are checked."""
     unknown = set(programs) - set(PROGRAMS)
     if unknown:
-        raise ValueError(f"unknown programs {sorted(unknown)}; choose from {', '.join(PROGRAMS)}")
+        raise UserError(f"unknown programs {sorted(unknown)}; choose from {', '.join(PROGRAMS)}")
     generation, topology = parse_topology(topology_name)
     chip = CHIPS[generation]
+    import seqio
+
+    from dsbs_jax.input_pipeline import batch_spec
+
     devices = topology_devices(generation, topology)
-    settings = train_settings()
+    settings = train_settings(devices)
     lengths = settings["task_feature_lengths"]
-    student = training.Student(
-        settings["mixture_or_task_name"],
-        lengths,
-        settings["model_config"],
-        settings["train_steps"],
-        settings["random_seed"],
-        devices=devices,
-        abstract=True,
+    partitioner, optimizer = settings["partitioner"], settings["optimizer"]
+    vocabulary = seqio.get_mixture_or_task(settings["mixture_or_task_name"]).output_features
+    config = build_model_config(
+        settings["model_config"], vocabulary["targets"].vocabulary.vocab_size
     )
-    partitioner = student.partitioner
+    student = Student(config, partitioner)
     batch_size, eval_batch_size = settings["batch_size"], settings["eval_batch_size"]
     for what, rows in (
         ("train.batch_size", batch_size),
         ("train.eval_batch_size", eval_batch_size),
     ):
         if rows % partitioner.mesh.shape["data"]:
-            raise ValueError(
+            raise UserError(
                 f"train.{what}={rows} does not divide by the data-parallel size "
                 f"{partitioner.mesh.shape['data']} of {topology_name}"
             )
@@ -324,28 +335,36 @@ def compile_for_topology(
         f"({header['batch_per_host']} per host), {settings['num_microbatches']} microbatch(es)",
         flush=True,
     )
-    config = student.config
-    state = student.state
+    state = student.abstract_train_state(optimizer)
+    if check:
+        print(f"check: would compile {', '.join(programs)} for {topology_name}")
+        return header
     params = state.params
     train_batch = _sharded(
-        training.batch_spec(lengths, batch_size, settings["pack"]), partitioner.data_sharding
+        batch_spec(lengths, batch_size, settings["pack"]), partitioner.data_sharding
     )
-    eval_batch = _sharded(
-        training.batch_spec(lengths, eval_batch_size, False), partitioner.data_sharding
-    )
+    eval_batch = _sharded(batch_spec(lengths, eval_batch_size, False), partitioner.data_sharding)
     key = jax.eval_shape(
-        lambda: training.trainer.dropout_key(settings["random_seed"], settings["use_hardware_rng"])
+        lambda: trainer.dropout_key(settings["random_seed"], settings["use_hardware_rng"])
     )
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=partitioner.replicated)
     max_decode_length = settings["max_decode_length"] or lengths["targets"]
     smoothing, z_loss = settings["label_smoothing"], settings["z_loss"]
 
     def lower_train() -> Any:
-        step = training.jit_train_step(student, settings["num_microbatches"], smoothing, z_loss)
+        step = trainer.jit_train_step(
+            student.model,
+            optimizer,
+            partitioner,
+            state,
+            settings["num_microbatches"],
+            smoothing,
+            z_loss,
+        )
         return step.lower(state, train_batch, key)
 
     def lower_eval() -> Any:
-        return training.jit_eval_step(student, smoothing, z_loss).lower(params, eval_batch)
+        return trainer.jit_eval_step(student.model, smoothing, z_loss).lower(params, eval_batch)
 
     def lower_decode() -> Any:
         return decoding.greedy_decode.lower(
@@ -353,7 +372,7 @@ def compile_for_topology(
             params,
             eval_batch["encoder_input_tokens"],
             max_decode_length=max_decode_length,
-            eos_id=student.vocabulary.eos_id,
+            eos_id=vocabulary["targets"].vocabulary.eos_id,
         )
 
     builders = (
@@ -398,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv.append("--gin.initialize_distributed.auto_detect=False")
     return run(
         lambda args: compile_for_topology(
-            args.topology, args.json, [p for p in args.programs.split(",") if p]
+            args.topology, args.json, [p for p in args.programs.split(",") if p], args.check
         ),
         argv,
         prog="python -m dsbs_jax.aot",

@@ -47,8 +47,9 @@ from etils import epath
 from flax import serialization, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsbs_jax import t5x_checkpoints
-from dsbs_jax.models.t5 import PARAM_SCAN_AXIS, SCANNED_LAYERS, T5, T5Config
+from dsbs_jax import checkpoints, t5x_checkpoints
+from dsbs_jax.errors import UserError
+from dsbs_jax.models.t5 import PARAM_SCAN_AXIS, SCANNED_LAYERS, T5Config, abstract_params
 
 if TYPE_CHECKING:
     from dsbs_jax.partitioning import Partitioner
@@ -114,17 +115,15 @@ _HF_SUBLAYERS = {
 }
 _HF_PROJECTIONS = {"query": "q", "key": "k", "value": "v", "out": "o"}
 
-# t5x and our own checkpoints ----------------------------------------------------------------
+# t5x's legacy checkpoints ------------------------------------------------------------------
 T5X_MSGPACK = "checkpoint"
-OURS_STATE = "state"
-_STEP_DIR = re.compile(r"checkpoint_(\d+)")
 
 # Layer parameters, unscanned ('encoder/layers_3/mlp/wo/kernel') and scanned ('encoder/layers/...').
 _LAYER_PARAM = re.compile(r"(encoder|decoder)/layers_(\d+)/(.+)")
 _SCANNED_PARAM = re.compile(rf"(encoder|decoder)/{SCANNED_LAYERS}/(.+)")
 
 
-class CheckpointImportError(ValueError):
+class CheckpointImportError(UserError):
     """A checkpoint that cannot be read into the model; the message names what is wrong."""
 
 
@@ -289,22 +288,12 @@ def checkpoint_config(path: str, **overrides: Any) -> T5Config:
 # ---------------------------------------------------------------------------------------------
 
 
-def _abstract_params(config: T5Config) -> Any:
-    """The model's boxed parameters as ShapeDtypeStructs (nothing is allocated)."""
-    tokens = jnp.ones((1, 1), jnp.int32)
-
-    def init(rng: jax.Array) -> Any:
-        return T5(config).init(rng, tokens, tokens, enable_dropout=False)["params"]
-
-    return jax.eval_shape(init, jax.random.key(0))
-
-
 def param_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
     """Each parameter's shape, keyed by its '/'-joined path ('encoder/layers_0/...')."""
     return {
         path: tuple(leaf.shape)
         for path, leaf in traverse_util.flatten_dict(
-            nn.unbox(_abstract_params(config)), sep="/"
+            abstract_params(config, boxed=False), sep="/"
         ).items()
     }
 
@@ -312,7 +301,7 @@ def param_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
 def param_shardings(config: T5Config, partitioner: Partitioner) -> Any:
     """The NamedSharding tree of the model's parameters under `partitioner`'s rules."""
     with partitioner.activation_rules():
-        specs = nn.get_partition_spec(_abstract_params(config))
+        specs = nn.get_partition_spec(abstract_params(config))
     return partitioner.logical_to_sharding(specs)
 
 
@@ -435,27 +424,45 @@ def load_params(path: str, config: T5Config, shardings: Any) -> dict[str, Any]:
     placement = traverse_util.flatten_dict(shardings, sep="/")
     if placement.keys() != expected.keys():
         raise ValueError("`shardings` does not match the parameters of `config`")
-    layer_shapes = param_shapes(_unscanned(config))
     dtype = jnp.dtype(config.param_dtype)
+    with contextlib.ExitStack() as stack:
+        stored = _checked_tensors(path, kind, root, config, stack)
+        if kind == "ours":
+            return _restore_orbax_as(root, is_scanned(stored), config, placement, dtype)
+        tensors = stack_layers(stored, _stacked_tensor) if config.scan_layers else stored
+        arrays = {p: _place(tensors[p], expected[p], placement[p], dtype) for p in expected}
+    return traverse_util.unflatten_dict(arrays, sep="/")
+
+
+def check_params(path: str, config: T5Config) -> None:
+    """Raises the `CheckpointImportError` that `load_params` would, reading shapes alone."""
+    kind, root = _resolve(path)
+    with contextlib.ExitStack() as stack:
+        _checked_tensors(path, kind, root, config, stack)
+
+
+def _checked_tensors(
+    path: str, kind: str, root: epath.Path, config: T5Config, stack: contextlib.ExitStack
+) -> dict[str, Any]:
+    """The checkpoint's parameters, checked against `config` in the unscanned layout: our
+    checkpoint's stored shapes (its own layout), or the foreign checkpoint's lazy tensors by our
+    path (open while `stack` is)."""
+    layer_shapes = param_shapes(_unscanned(config))
     if kind == "ours":
         stored = _orbax_shapes(root)
         _check(path, _unscanned_shapes(stored), layer_shapes, str, _never)
-        return _restore_orbax_as(root, is_scanned(stored), config, placement, dtype)
-    with contextlib.ExitStack() as stack:
-        if kind == "hf":
-            tensors = _hf_tensors(root, layer_shapes, config.logits_via_embedding, stack)
-            naming, transposed = _hf_name, _hf_transposed
-        else:
-            tensors, naming, transposed = _t5x_tensors(root), str, _never
+        return stored
+    if kind == "hf":
+        tensors = _hf_tensors(root, layer_shapes, config.logits_via_embedding, stack)
+        naming, transposed = _hf_name, _hf_transposed
+    else:
+        tensors, naming, transposed = _t5x_tensors(root), str, _never
 
-        def label(p: str) -> str:
-            return tensors[p].name if p in tensors else naming(p)
+    def label(p: str) -> str:
+        return tensors[p].name if p in tensors else naming(p)
 
-        _check(path, {p: t.shape for p, t in tensors.items()}, layer_shapes, label, transposed)
-        if config.scan_layers:
-            tensors = stack_layers({p: tensors[p] for p in layer_shapes}, _stacked_tensor)
-        arrays = {p: _place(tensors[p], expected[p], placement[p], dtype) for p in expected}
-    return traverse_util.unflatten_dict(arrays, sep="/")
+    _check(path, {p: t.shape for p, t in tensors.items()}, layer_shapes, label, transposed)
+    return tensors
 
 
 def _place(tensor: _Tensor, shape: tuple[int, ...], sharding: Any, dtype: Any) -> jax.Array:
@@ -543,26 +550,17 @@ def _resolve(path: str) -> tuple[str, epath.Path]:
             "checkpoint or a MODEL_DIR that `python -m dsbs_jax.train` wrote"
         )
     kind = _kind(root)
-    latest = None if kind else _latest_step_dir(root)
+    latest = None if kind else checkpoints.latest_step_dir(root)
     if latest is not None:
         root, kind = latest, _kind(latest)
     if kind is None:
         raise CheckpointImportError(
             f"{path} is not a checkpoint: expected a Hugging Face T5 directory "
             f"({HF_CONFIG} plus {' or '.join(_HF_WEIGHT_FILES)}), a t5x checkpoint "
-            f"(a '{T5X_MSGPACK}' msgpack file) or one of ours (a '{OURS_STATE}' directory)"
+            f"(a '{T5X_MSGPACK}' msgpack file) or one of ours "
+            f"(a '{checkpoints.STATE_ITEM}' directory)"
         )
     return kind, root
-
-
-def _latest_step_dir(model_dir: epath.Path) -> epath.Path | None:
-    """The `checkpoint_<step>` subdirectory with the highest step, if any."""
-    steps = {
-        int(m.group(1)): child
-        for child in model_dir.iterdir()
-        if (m := _STEP_DIR.fullmatch(child.name))
-    }
-    return steps[max(steps)] if steps else None
 
 
 def _kind(root: epath.Path) -> str | None:
@@ -570,7 +568,7 @@ def _kind(root: epath.Path) -> str | None:
         return "hf"
     if (root / T5X_MSGPACK).is_file():
         return "t5x"
-    if (root / OURS_STATE).is_dir():
+    if (root / checkpoints.STATE_ITEM).is_dir():
         return "ours"
     return None
 
@@ -712,13 +710,12 @@ def _absolute_spec(spec: Mapping[str, Any], root: str) -> dict[str, Any]:
 
 def _orbax_shapes(root: epath.Path) -> dict[str, tuple[int, ...]]:
     """Shapes of `state/params` (ours) or `state/target` (t5x's orbax), from orbax's metadata."""
-    import orbax.checkpoint as ocp
 
-    metadata = ocp.PyTreeCheckpointer().metadata(root / OURS_STATE).item_metadata.tree
+    metadata = checkpoints.state_metadata(root)
     key = t5x_checkpoints.params_key(metadata)
     if key is None:
         raise CheckpointImportError(
-            f"{root / OURS_STATE} holds no 'params' (ours) nor 'target' (t5x's)"
+            f"{root / checkpoints.STATE_ITEM} holds no 'params' (ours) nor 'target' (t5x's)"
         )
     flat = traverse_util.flatten_dict(metadata[key], sep="/")
     return {path: tuple(leaf.shape) for path, leaf in flat.items()}
@@ -776,11 +773,10 @@ def _restore_orbax(
         {p: jax.ShapeDtypeStruct(shape, dtype, sharding=s) for p, (shape, s) in layout.items()},
         sep="/",
     )
-    checkpointer = ocp.PyTreeCheckpointer()
-    key = t5x_checkpoints.params_key(checkpointer.metadata(root / OURS_STATE).item_metadata.tree)
+    key = t5x_checkpoints.params_key(checkpoints.state_metadata(root))
     item = {key: abstract}
-    restored = checkpointer.restore(
-        root / OURS_STATE,
+    restored = ocp.PyTreeCheckpointer().restore(
+        root / checkpoints.STATE_ITEM,
         args=ocp.args.PyTreeRestore(
             item=item,
             restore_args=ocp.checkpoint_utils.construct_restore_args(item),

@@ -1,7 +1,6 @@
-"""Training checkpoints: the N most recent plus the best, saved with orbax.
+"""Training checkpoints and the one description of their layout on disk.
 
-t5x cannot be installed, so this replaces its checkpointer with a thin layer over
-``orbax.checkpoint.CheckpointManager`` that keeps t5x's layout::
+A thin layer over ``orbax.checkpoint.CheckpointManager`` that keeps t5x's layout::
 
     MODEL_DIR/checkpoint_{step}/        the `keep` most recent checkpoints
     MODEL_DIR/best/checkpoint_{step}/   the single best one by `best_metric`
@@ -9,8 +8,10 @@ t5x cannot be installed, so this replaces its checkpointer with a thin layer ove
 The best checkpoint lives in its own manager (``max_to_keep=1``, keyed by the
 metric) so that "keep the N most recent plus the best" holds even when the best
 checkpoint is older than the N most recent. Each checkpoint holds two items:
-``state`` (a pytree of possibly sharded ``jax.Array``: params, optimizer state,
-step) and ``data`` (a small JSON dict: the data iterator position).
+``state`` (a pytree of possibly sharded ``jax.Array``: ``params``, and for a training run
+``step`` and ``opt_state``) and ``data`` (a small JSON dict: the step, seed, metric history
+and the model's shape-fixing dimensions). Readers of this layout (`dsbs_jax.checkpoint_import`,
+`dsbs_jax.t5x_checkpoints`, evaluation) take its names and step lookup from here.
 
 Saving is synchronous by default, so once ``save`` returns the checkpoint is
 complete on disk. With ``async_save`` (what training uses: runs/base.gin), ``save``
@@ -40,10 +41,14 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from dsbs_jax.errors import MissingFileError, UserError
+
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 STEP_PREFIX = "checkpoint"
 BEST_SUBDIR = "best"
+# Where the parameters sit in the state item (t5x's own orbax checkpoints say "target").
+PARAMS_KEY = "params"
 # The best checkpoint's ranking value is stored under one key, whatever the metric is called,
 # so a Checkpointer opened for inference finds the best without knowing the metric's name.
 BEST_VALUE_KEY = "best_metric_value"
@@ -61,7 +66,90 @@ def model_dir_path(model_dir: str | os.PathLike) -> epath.Path:
     return epath.Path(Path(model_dir).expanduser().absolute())  # orbax needs absolute paths
 
 
-class IncompatibleCheckpointError(ValueError):
+def _name_format() -> ocp.path.step.NameFormat:
+    return ocp.path.step.standard_name_format(step_prefix=STEP_PREFIX)
+
+
+def step_dirs(model_dir: str | os.PathLike) -> dict[int, epath.Path]:
+    """The finished `checkpoint_<step>` folders directly under `model_dir`, by step.
+
+    Unfinished saves (orbax's temporary folders, or on gs:// folders without their commit
+    marker) are left out, as orbax itself leaves them out.
+    """
+    root = epath.Path(model_dir)
+    if not root.is_dir():
+        return {}
+    return {m.step: m.path for m in _name_format().find_all(root)}
+
+
+def latest_step_dir(model_dir: str | os.PathLike) -> epath.Path | None:
+    """The finished checkpoint folder of the highest step under `model_dir`, or None."""
+    found = step_dirs(model_dir)
+    return found[max(found)] if found else None
+
+
+def checkpoint_dir(
+    model_dir: str | os.PathLike, which: str | int = "best"
+) -> tuple[int, epath.Path]:
+    """(step, folder) of MODEL_DIR's "best" checkpoint (the latest when it keeps no best),
+    its "latest", or the one of a step; MissingFileError naming what there is."""
+    root = model_dir_path(model_dir)
+    recent = step_dirs(root)
+    best = step_dirs(root / BEST_SUBDIR)
+    if which == "best" and best:
+        return max(best), best[max(best)]
+    if which in ("best", "latest") and recent:
+        return max(recent), recent[max(recent)]
+    if isinstance(which, int) or str(which).isdigit():
+        step = int(which)
+        found = {**best, **recent}.get(step)
+        if found is not None:
+            return step, found
+    if not recent and not best:
+        raise MissingFileError(
+            f"MODEL_DIR {root} holds no checkpoint; train one there first with "
+            "`python -m dsbs_jax.train` and the same gin files and flags"
+        )
+    raise MissingFileError(
+        f"MODEL_DIR {root} has no checkpoint {which!r}; saved steps: "
+        f'{sorted(recent)}, best: {sorted(best)}; give "best", "latest" or one of those steps'
+    )
+
+
+def state_metadata(step_dir: str | os.PathLike) -> Any:
+    """The tree of a checkpoint's `state` item with each array's shape and dtype, read from
+    its metadata without loading the arrays."""
+    return ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / STATE_ITEM).tree
+
+
+def check_compatible(
+    step_dir: str | os.PathLike, abstract_state: Any, where: str, which: str = "checkpoint"
+) -> None:
+    """Raises IncompatibleCheckpointError, naming the first differences, when the state saved
+    in `step_dir` has another tree or other shapes than `abstract_state`."""
+    saved = _shapes_by_path(state_metadata(step_dir))
+    problems = _mismatches(saved, _shapes_by_path(abstract_state))
+    if problems:
+        shown = problems[:_MAX_REPORTED_MISMATCHES]
+        more = len(problems) - len(shown)
+        raise IncompatibleCheckpointError(
+            f"{where} holds an incompatible {which} (step "
+            f"{ocp.path.step.step_from_checkpoint_name(epath.Path(step_dir).name)}): "
+            + "; ".join(shown)
+            + (f"; and {more} more mismatch(es)" if more else "")
+            + "; use another MODEL_DIR"
+        )
+
+
+def read_data(step_dir: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's `data` item (empty when it has none, as converted checkpoints may)."""
+    path = epath.Path(step_dir) / DATA_ITEM
+    if not path.is_dir():
+        return {}
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
+
+
+class IncompatibleCheckpointError(UserError):
     """The checkpoint's tree structure or shapes do not match the model's."""
 
 
@@ -73,6 +161,12 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     registry.add(DATA_ITEM, ocp.args.JsonSave, ocp.handlers.JsonCheckpointHandler)
     registry.add(DATA_ITEM, ocp.args.JsonRestore, ocp.handlers.JsonCheckpointHandler)
     return registry
+
+
+def _composite(state: Any, data: dict) -> ocp.args.Composite:
+    return ocp.args.Composite(
+        **{STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: ocp.args.JsonSave(data)}
+    )
 
 
 def _key_str(key: Any) -> str:
@@ -116,10 +210,9 @@ class Checkpointer:
     def __init__(
         self,
         model_dir: str | os.PathLike,
+        best_metric: str | None = None,
         period: int = 1000,
         keep: int = 3,
-        keep_best: bool = True,
-        best_metric: str = "valid/accuracy",
         best_mode: str = "max",
         async_save: bool = False,
     ) -> None:
@@ -127,18 +220,21 @@ class Checkpointer:
 
         Args:
           model_dir: the run's MODEL_DIR.
+          best_metric: the metric key that ranks checkpoints for MODEL_DIR/best (a key of
+            the training program's evaluation results); None keeps no best checkpoint.
           period: save every `period` steps (see `save`).
           keep: how many of the most recent checkpoints to keep.
-          keep_best: also keep the best checkpoint by `best_metric`.
-          best_metric: the metric key that ranks checkpoints.
           best_mode: "max" or "min": whether a higher or lower metric is better.
           async_save: write in the background; call `wait_until_finished` before
             relying on the checkpoint.
         """
         if period < 1 or keep < 1:
-            raise ValueError(f"period and keep must be >= 1, got period={period}, keep={keep}")
+            raise UserError(
+                f"Checkpointer.period and Checkpointer.keep must be >= 1, got period={period}, "
+                f"keep={keep}"
+            )
         if best_mode not in ("max", "min"):
-            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+            raise UserError(f"Checkpointer.best_mode must be 'max' or 'min', got {best_mode!r}")
         self.model_dir = model_dir_path(model_dir)
         self.period = period
         self.best_metric = best_metric
@@ -150,7 +246,7 @@ class Checkpointer:
         )
         self._best: ocp.CheckpointManager | None = None
         self._best_value: float | None = None
-        if keep_best:
+        if best_metric is not None:
             self._best = ocp.CheckpointManager(
                 self.model_dir / BEST_SUBDIR,
                 options=self._options(
@@ -191,34 +287,29 @@ class Checkpointer:
             return value > self._best_value
         return value < self._best_value
 
-    def save(
-        self,
-        step: int,
-        state: Any,
-        data: dict,
-        metrics: dict[str, float] | None = None,
-        force: bool = False,
-    ) -> bool:
+    def save(self, step: int, state: Any, data: dict, force: bool = False) -> bool:
         """Saves a checkpoint when `step % period == 0` or `force`; returns whether it wrote one.
 
-        Independently of the period, when `metrics` holds `best_metric` and it
-        beats the best so far, the checkpoint also replaces MODEL_DIR/best. A step
-        that is already saved is not written again.
+        A step that is already saved is not written again.
         """
         step = int(step)
-        composite = ocp.args.Composite(
-            **{STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: ocp.args.JsonSave(data)}
+        if not (force or step % self.period == 0) or step in self._recent.all_steps():
+            return False
+        return self._recent.save(step, args=_composite(state, data), force=True)
+
+    def save_best(self, step: int, state: Any, data: dict, metrics: dict[str, float]) -> bool:
+        """Makes this checkpoint MODEL_DIR/best when `metrics[best_metric]` beats the best so
+        far; returns whether it did."""
+        if self._best is None or self.best_metric not in metrics:
+            return False
+        value = float(metrics[self.best_metric])
+        if not self._improves(value) or int(step) in self._best.all_steps():
+            return False
+        self._best.save(
+            int(step), args=_composite(state, data), metrics={BEST_VALUE_KEY: value}, force=True
         )
-        saved = False
-        if (force or step % self.period == 0) and step not in self._recent.all_steps():
-            saved = self._recent.save(step, args=composite, force=True)
-        if self._best is not None and metrics is not None and self.best_metric in metrics:
-            value = float(metrics[self.best_metric])
-            if self._improves(value) and step not in self._best.all_steps():
-                self._best.save(step, args=composite, metrics={BEST_VALUE_KEY: value}, force=True)
-                self._best_value = value
-                saved = True
-        return saved
+        self._best_value = value
+        return True
 
     def latest_step(self) -> int | None:
         """The most recent saved step under MODEL_DIR, or None."""
@@ -239,19 +330,21 @@ class Checkpointer:
         `FileNotFoundError` when there is no such checkpoint.
         """
         if best and self._best is None:
-            raise ValueError("restore(best=True) needs a Checkpointer with keep_best=True")
+            raise ValueError("restore(best=True) needs a Checkpointer with a best_metric")
         self.wait_until_finished()
         manager = self._best if best else self._recent
         if step is None:
             step = manager.best_step() if best else manager.latest_step()
         which = "best checkpoint" if best else "checkpoint"
         if step is None or step not in manager.all_steps():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"MODEL_DIR {self.model_dir} has no {which}"
                 + (f" at step {step}" if step is not None else "")
                 + f"; saved steps: {list(manager.all_steps())}"
             )
-        self._check_compatible(manager, step, abstract_state, which)
+        check_compatible(
+            step_dirs(manager.directory)[step], abstract_state, f"MODEL_DIR {self.model_dir}", which
+        )
         restored = manager.restore(
             step,
             args=ocp.args.Composite(
@@ -262,21 +355,6 @@ class Checkpointer:
             ),
         )
         return restored[STATE_ITEM], restored[DATA_ITEM]
-
-    def _check_compatible(
-        self, manager: ocp.CheckpointManager, step: int, abstract_state: Any, which: str
-    ) -> None:
-        saved = _shapes_by_path(manager.item_metadata(step)[STATE_ITEM])
-        problems = _mismatches(saved, _shapes_by_path(abstract_state))
-        if problems:
-            shown = problems[:_MAX_REPORTED_MISMATCHES]
-            more = len(problems) - len(shown)
-            raise IncompatibleCheckpointError(
-                f"MODEL_DIR {self.model_dir} holds an incompatible {which} (step {step}): "
-                + "; ".join(shown)
-                + (f"; and {more} more mismatch(es)" if more else "")
-                + "; use another MODEL_DIR"
-            )
 
     def wait_until_finished(self) -> None:
         """Blocks until any background save has been committed."""

@@ -29,9 +29,11 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from dsbs_jax import checkpoint_import, t5x_checkpoints
-from dsbs_jax.checkpoints import Checkpointer
+from dsbs_jax.checkpoints import PARAMS_KEY, Checkpointer
+from dsbs_jax.errors import UserError
 from dsbs_jax.models.t5 import PRESETS, T5Config, get_config
 from dsbs_jax.partitioning import Partitioner
+from dsbs_jax.state import Student
 
 _USAGE_ERROR = 2
 _PRESETS = [name for name in PRESETS if name != "tiny"]
@@ -68,14 +70,15 @@ def source_config(source: str, preset: str | None, vocab_size: int | None) -> T5
 
 def convert(source: str, out_dir: str, fmt: str, config: T5Config) -> Path:
     """Loads `source` into `config`'s parameters and writes them to `out_dir` as `fmt`."""
-    shardings = checkpoint_import.param_shardings(config, Partitioner())
-    params = checkpoint_import.load_params(source, config, shardings)
+    student = Student(config, Partitioner())
+    params = checkpoint_import.load_params(source, config, student.param_shardings)
     if fmt == "hf":
         return checkpoint_import.export_hf(params, config, out_dir)
     if fmt == "t5x":
         return t5x_checkpoints.write_t5x_checkpoint(params, out_dir)
-    with Checkpointer(out_dir, keep_best=False) as checkpointer:
-        checkpointer.save(0, {"params": params}, data={}, force=True)
+    with Checkpointer(out_dir) as checkpointer:
+        # The model's dimensions go with it, so eval names a config that does not match.
+        checkpointer.save(0, {PARAMS_KEY: params}, student.record(), force=True)
     return Path(out_dir) / "checkpoint_0"
 
 
@@ -91,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_out_dir(args.out_dir)
         config = source_config(args.source, args.preset, args.vocab_size)
         written = convert(args.source, args.out_dir, args.format, config)
-    except (checkpoint_import.CheckpointImportError, OSError) as error:
+    except (UserError, OSError) as error:
         print(f"dsbs_jax.convert: error: {error}", file=sys.stderr)
         return _USAGE_ERROR
     print(f"wrote {written} ({args.format} format)")

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import gin
 
+from dsbs_jax.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class EarlyStopping:
@@ -56,7 +58,7 @@ def early_stopping(
     if patience is None or metric is None:
         return None
     if patience < 1 or mode not in ("min", "max") or atol < 0 or rtol < 0:
-        raise ValueError(
+        raise UserError(
             "early_stopping needs patience >= 1, mode 'min' or 'max' and atol, rtol >= 0; got "
             f"patience={patience}, mode={mode!r}, atol={atol}, rtol={rtol}"
         )

@@ -7,16 +7,22 @@ with `--gin.evaluate.checkpoint=\\"latest\\"` or a step number.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
-from dsbs_jax import inference
 from dsbs_jax.gin_utils import run
+
+
+def _eval(flags: argparse.Namespace) -> object:
+    from dsbs_jax import inference  # after gin_utils.run has started TensorFlow quietly
+
+    return inference.evaluate(check=flags.check)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run(
-        lambda: inference.evaluate(),
+        _eval,
         argv,
         prog="python -m dsbs_jax.eval",
         description=__doc__,

@@ -2,8 +2,10 @@
 
     python -m dsbs_jax.train --gin_file=runs/demo.gin --gin.MODEL_DIR=\\"/tmp/demo\\"
 
-Every failure a user can cause (a bad binding, an unknown task, a checkpoint of
-another model, a NaN loss) ends as one line on stderr and a non-zero exit.
+Every failure a user can cause (a bad binding, an unknown task, a checkpoint of another
+model, a NaN loss: a `dsbs_jax.errors.UserError`) ends as one line on stderr and exit status
+2; anything else is a bug and keeps its traceback. Every command takes `--check` (check the
+configuration, print what would run, exit) and `--verbose` (the frameworks' start-up logs).
 """
 
 from __future__ import annotations
@@ -22,14 +24,12 @@ import gin
 from gin import config as gin_config
 from gin import config_parser, resource_reader
 
+from dsbs_jax import startup
+from dsbs_jax.errors import EXIT_BAD_INPUT, UserError
 from dsbs_jax.partitioning import initialize_distributed
+from dsbs_jax.preemption import EXIT_PREEMPTED, Preempted
 
-PROJECT_GIN_CONFIGS = Path(__file__).resolve().parents[1] / "gin_configs"
-EXIT_BAD_INPUT = 2
-# What a user's input can cause (bad files, unknown names, another model's checkpoint,
-# which is an IncompatibleCheckpointError(ValueError)); anything else is a bug and keeps
-# its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+PROJECT_GIN_CONFIGS = Path(__file__).resolve().parent / "gin_configs"
 
 
 def _system_path_file_exists(config_path: str) -> bool:
@@ -73,6 +73,16 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--tfds_data_dir", default=None, help="read TFDS builds of the teacher caches from here"
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the configuration, data and checkpoints, print what would run, and exit",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help=f"show the frameworks' start-up logs too (or set {startup.VERBOSE_ENV}=1)",
+    )
     parser.add_argument("--coordinator_address", default=None, help="multi-host: host:port")
     parser.add_argument("--process_count", type=int, default=None, help="multi-host: processes")
     parser.add_argument("--process_index", type=int, default=None, help="multi-host: this one")
@@ -93,14 +103,20 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return bindings, rest
 
 
-class UnknownBindingError(ValueError):
+class UnknownBindingError(UserError):
     """A command-line macro or binding that the configuration would never read."""
 
 
 def parse_gin(
     gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]
 ) -> None:
-    """Finds gin files on the search paths (then the project's gin_configs/) and parses them.
+    """Finds gin files on the search paths, then in the package's gin_configs/, then in the
+    working directory, and parses them.
+
+    The package's configs come before the working directory, so `runs/demo.gin` and the
+    includes in it ('data/defaults.gin', 'models/tiny.gin') mean the package's files wherever
+    the command runs, whatever folders the working directory holds; a user's own file keeps
+    another name, or comes first through `--gin_search_paths`.
 
     Then the command line's `bindings`, each of which must be read by the configuration:
     a binding of a configurable or parameter that does not exist, or a macro that no file
@@ -108,8 +124,7 @@ def parse_gin(
     misspelt `--gin.TRAIN_STEP=100` would otherwise train with the default in silence.
     """
     paths = [p for entry in search_paths for p in entry.split(",") if p]
-    for path in [*paths, os.getcwd(), str(PROJECT_GIN_CONFIGS)]:
-        gin.add_config_file_search_path(path)
+    gin_config._LOCATION_PREFIXES[:] = [*paths, str(PROJECT_GIN_CONFIGS), os.getcwd()]
     # gin logs an error for every search path that lacks a file, even when a later one has it.
     root = logging.getLogger()
     level = root.level
@@ -186,17 +201,17 @@ def check_macros_used(names: Iterable[str]) -> None:
 
 
 def run(
-    main: Callable[..., object],
+    main: Callable[[argparse.Namespace], object],
     argv: Sequence[str] | None,
     prog: str,
     description: str,
-    extra_errors: tuple[type[BaseException], ...] = (),
     add_flags: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
-    """Parses flags and gin, sets up multi-host JAX, runs `main`; one clear line per failure.
+    """Parses flags and gin, sets up multi-host JAX, runs `main(flags)`; returns the exit status.
 
-    `add_flags` adds a program's own flags to the common ones; `main` then gets the parsed
-    flags as its argument.
+    A UserError ends as one line and status 2, a preemption as its line and
+    `preemption.EXIT_PREEMPTED`, Ctrl-C as a line and 130. `add_flags` adds a program's own
+    flags to the common ones.
     """
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser(prog, description)
@@ -209,6 +224,8 @@ def run(
     args = parser.parse_args(rest)
     if not args.gin_file:
         parser.error("give at least one --gin_file (e.g. --gin_file=runs/demo.gin)")
+    verbose = args.verbose or startup.verbose_requested([])
+    startup.start_tensorflow(verbose)
     try:
         bindings = [*args.gin_bindings, *gin_flags]
         if args.tfds_data_dir:
@@ -217,12 +234,17 @@ def run(
     except Exception as e:  # gin raises many types for a bad file or binding
         print(f"error: bad gin configuration: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    initialize_distributed(args.coordinator_address, args.process_count, args.process_index)
+    with startup.quiet_start(verbose):
+        initialize_distributed(args.coordinator_address, args.process_count, args.process_index)
+    startup.start_jax(verbose)
     try:
-        main(args) if add_flags is not None else main()
-    except (*USER_ERRORS, *extra_errors) as e:
+        main(args)
+    except UserError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Preempted as e:
+        print(_one_line(e), file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print(
             "interrupted: the last checkpoint in MODEL_DIR is where a rerun resumes",

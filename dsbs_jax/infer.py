@@ -7,16 +7,22 @@ the split `--gin.infer.split` of the run's label task.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
-from dsbs_jax import inference
 from dsbs_jax.gin_utils import run
+
+
+def _infer(flags: argparse.Namespace) -> object:
+    from dsbs_jax import inference  # after gin_utils.run has started TensorFlow quietly
+
+    return inference.infer(check=flags.check)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run(
-        lambda: inference.infer(),
+        _infer,
         argv,
         prog="python -m dsbs_jax.infer",
         description=__doc__,

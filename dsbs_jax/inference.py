@@ -1,14 +1,17 @@
 """Evaluate a trained student, or write its predictions, from a MODEL_DIR.
 
-Both read the run's own gin file (the one it was trained with, or
-MODEL_DIR/config.gin), rebuild the same student and restore its best
-checkpoint (or the latest, or a given step).
+Both read the run's own gin files (the ones it was trained with, or MODEL_DIR/config.gin),
+rebuild the same student and restore the parameters alone of its best checkpoint (or the
+latest, or a given step): no optimizer moments are read or allocated, so a parameters-only
+checkpoint (`python -m dsbs_jax.convert --format ours`) works as well as a training run's.
+Evaluation runs what validation and test run in training (`evaluation.SplitEvaluator`), with
+the same loss settings, so the same checkpoint and split give the same figures.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,35 +20,49 @@ import jax
 import seqio
 from etils import epath
 
-from dsbs_jax import evaluation, trainer
-from dsbs_jax.checkpoints import Checkpointer, model_dir_path
-from dsbs_jax.data import choices
+from dsbs_jax import checkpoint_import, checkpoints, evaluation, trainer
+from dsbs_jax.checkpoints import model_dir_path
 from dsbs_jax.data.cache import read_examples
-from dsbs_jax.data.preprocessors import EXPLAIN_PREFIX, PREDICT_PREFIX
-from dsbs_jax.training import SplitEvaluator, Student, abstract_like, format_results
+from dsbs_jax.data.run_inputs import ensure_run_inputs
+from dsbs_jax.errors import MissingFileError
+from dsbs_jax.label_prediction import LabelEvaluation, LabelPredictor
+from dsbs_jax.model_config import build_model_config
+from dsbs_jax.partitioning import Partitioner
+from dsbs_jax.roles import EXPLAIN_PREFIX, PREDICT_PREFIX
+from dsbs_jax.state import Student
+from dsbs_jax.training import format_results
+
+PyTree = Any
 
 
 def restore_student(
     model_dir: str,
     mixture_or_task_name: str,
-    task_feature_lengths: Mapping[str, int],
     model_config: Mapping[str, Any],
+    partitioner: Partitioner,
     checkpoint: str | int = "best",
-) -> tuple[Student, Any, int]:
-    """(student, params, step) from MODEL_DIR's "best" or "latest" checkpoint, or a step."""
-    root = model_dir_path(model_dir)
-    if not (root.is_dir() and any(root.glob("checkpoint_*"))):
-        raise FileNotFoundError(
-            f"MODEL_DIR {root} holds no checkpoint; train one there first with "
-            "`python -m dsbs_jax.train` and the same gin files and flags"
+    split: str | None = "test",
+    check: bool = False,
+) -> tuple[Student, PyTree | None, int]:
+    """(student, parameters, step) of MODEL_DIR's "best" or "latest" checkpoint, or a step.
+
+    Checks the split's data, the checkpoint and that the gin config's model matches it first;
+    with `check` stops there and returns no parameters.
+    """
+    ensure_run_inputs(mixture_or_task_name, split)
+    vocabulary = seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"]
+    config = build_model_config(model_config, vocabulary.vocabulary.vocab_size)
+    student = Student(config, partitioner)
+    step, step_dir = checkpoints.checkpoint_dir(model_dir, checkpoint)
+    if check:
+        student.check_recorded(checkpoints.read_data(step_dir), str(step_dir))
+        checkpoint_import.check_params(str(step_dir), config)
+        print(
+            f"check: ready to use {step_dir} (step {step}), mesh "
+            f"{dict(partitioner.mesh.shape)}, {mixture_or_task_name} {split}"
         )
-    student = Student(mixture_or_task_name, task_feature_lengths, model_config, 1, 0)
-    with Checkpointer(root, keep_best=checkpoint == "best") as ckpt:
-        if checkpoint == "best" and ckpt.best_step() is None:
-            checkpoint = "latest"  # a run without validation metrics keeps no best
-        step = None if isinstance(checkpoint, str) else int(checkpoint)
-        state, _ = ckpt.restore(abstract_like(student.state), step=step, best=checkpoint == "best")
-    return student, state.params, int(state.step)
+        return student, None, step
+    return student, student.restore_params(step_dir), step
 
 
 @gin.configurable
@@ -55,24 +72,33 @@ def evaluate(
     mixture_or_task_name: str = gin.REQUIRED,
     task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
     model_config: Mapping[str, Any] = gin.REQUIRED,
+    partitioner: Partitioner = gin.REQUIRED,
+    label_evaluation: LabelEvaluation = gin.REQUIRED,
     split: str = "test",
     checkpoint: str | int = "best",
     batch_size: int = 64,
     max_decode_length: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    check: bool = False,
 ) -> dict[str, float]:
-    """Teacher-forced losses and decoded-label metrics of a checkpoint on `split`."""
+    """Teacher-forced losses and label metrics of a checkpoint on `split`, as training's
+    evaluation reports them (runs/base.gin gives both the same loss settings)."""
     student, params, step = restore_student(
-        model_dir, mixture_or_task_name, task_feature_lengths, model_config, checkpoint
+        model_dir, mixture_or_task_name, model_config, partitioner, checkpoint, split, check
     )
-    with student.partitioner.activation_rules():
-        eval_step = jax.jit(trainer.make_eval_step(student.model))
-        results = SplitEvaluator(
-            student,
-            eval_step,
+    if check:
+        return {}
+    with partitioner.activation_rules():
+        results = evaluation.SplitEvaluator(
+            student.model,
+            partitioner,
+            trainer.jit_eval_step(student.model, label_smoothing, z_loss),
             mixture_or_task_name,
             task_feature_lengths,
             batch_size,
             max_decode_length,
+            label_evaluation,
         )(params, split)
     if jax.process_index() == 0:
         out = model_dir_path(model_dir) / f"eval_{split}_checkpoint_{step}.json"
@@ -81,32 +107,19 @@ def evaluate(
     return results
 
 
-def _label_dataset(mixture_or_task_name: str) -> str:
-    """The dataset of the mixture's first label task (its candidate labels' rule)."""
+def _rows(
+    mixture_or_task_name: str, split: str, lengths: Mapping[str, int], input_file: str | None
+) -> tuple[list[dict[str, Any]], str]:
+    """The inputs to label, {id, input, choices}: the input file's, or the split's read through
+    the mixture's first label task; and that task's dataset (its candidates' rule)."""
     (task, *_) = evaluation.metric_tasks(mixture_or_task_name)
-    return task.source.dataset
-
-
-def _task_inputs(mixture_or_task_name: str, split: str) -> list[dict[str, Any]]:
-    """The raw inputs of a split, read through the mixture's first label task, with the
-    candidate labels their cache records list."""
-    (task, *_) = evaluation.metric_tasks(mixture_or_task_name)
-    cached = choices.cached_choices(task.source.dataset, split)
-    ds = task.get_dataset(None, split=split, shuffle=False, num_epochs=1)
-    return [
-        {
-            "id": ex["id"].decode(),
-            "input": ex["inputs_pretokenized"].decode().removeprefix(PREDICT_PREFIX),
-            "choices": cached.get(ex["id"].decode(), ()),
-        }
-        for ex in ds.as_numpy_iterator()
-    ]
-
-
-def _tokenized(
-    vocabulary: seqio.Vocabulary, texts: Sequence[str], inputs_length: int
-) -> list[list[int]]:
-    return [(vocabulary.encode(t) + [vocabulary.eos_id])[:inputs_length] for t in texts]
+    if input_file:
+        examples = read_examples(Path(input_file).expanduser())
+        rows = [{"id": ex.id, "input": ex.input, "choices": ex.choices} for ex in examples]
+    else:
+        examples = evaluation.read_split(task, split, lengths["inputs"], lengths["targets"])
+        rows = evaluation.label_rows(task, split, examples)
+    return rows, task.source.dataset
 
 
 @gin.configurable
@@ -116,6 +129,8 @@ def infer(
     mixture_or_task_name: str = gin.REQUIRED,
     task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
     model_config: Mapping[str, Any] = gin.REQUIRED,
+    partitioner: Partitioner = gin.REQUIRED,
+    label_evaluation: LabelEvaluation = gin.REQUIRED,
     input_file: str | None = None,
     split: str = "test",
     output_file: str | None = None,
@@ -123,7 +138,8 @@ def infer(
     checkpoint: str | int = "best",
     batch_size: int = 64,
     max_decode_length: int | None = None,
-) -> epath.Path:
+    check: bool = False,
+) -> epath.Path | None:
     """Writes {id, input, label[, rationale]} JSON lines for `input_file` (or `split`).
 
     Only the label is predicted unless `rationales`: at deployment the rationale
@@ -131,60 +147,47 @@ def infer(
     `label_evaluation.modes` starts with "score" (an input file's rows may list their
     own `choices`).
     """
+    if input_file and not Path(input_file).expanduser().is_file():
+        raise MissingFileError(f"infer.input_file {input_file} does not exist")
     student, params, step = restore_student(
-        model_dir, mixture_or_task_name, task_feature_lengths, model_config, checkpoint
+        model_dir,
+        mixture_or_task_name,
+        model_config,
+        partitioner,
+        checkpoint,
+        None if input_file else split,
+        check,
     )
-    if input_file:
-        examples = read_examples(Path(input_file).expanduser())
-        rows = [{"id": ex.id, "input": ex.input, "choices": ex.choices} for ex in examples]
-    else:
-        rows = _task_inputs(mixture_or_task_name, split)
-    decode_length = max_decode_length or task_feature_lengths["targets"]
-    labels = evaluation.label_evaluation()
-    batch_size = labels.batch_size or batch_size
-    prompts = {"label": PREDICT_PREFIX}
-    if rationales:
-        prompts["rationale"] = EXPLAIN_PREFIX
-    with student.partitioner.activation_rules():
-        for field, prefix in prompts.items():
-            vocabulary, inputs_length = student.vocabulary, task_feature_lengths["inputs"]
-            inputs = _tokenized(vocabulary, [prefix + r["input"] for r in rows], inputs_length)
-            if field == "label" and labels.modes[0] == "score":
-                outputs = evaluation.score_texts(
-                    student.model,
-                    params,
-                    student.partitioner,
-                    vocabulary,
-                    inputs,
-                    choices.candidates_of(
-                        _label_dataset(mixture_or_task_name),
-                        ((r["id"], r["input"], r["choices"]) for r in rows),
-                    ),
-                    inputs_length,
-                    batch_size,
-                    decode_length,
-                    labels.length_normalized,
-                )
-            else:
-                outputs = evaluation.decode_batches(
-                    student.model,
-                    params,
-                    student.partitioner,
-                    vocabulary,
-                    inputs,
-                    inputs_length,
-                    batch_size,
-                    decode_length,
-                )
-            for row, output in zip(rows, outputs, strict=True):
-                row[field] = output
-    for row in rows:
-        del row["choices"]
+    if check:
+        return None
+    rows, dataset = _rows(mixture_or_task_name, split, task_feature_lengths, input_file)
+    vocabulary = seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"]
+    predictor = LabelPredictor(
+        student.model,
+        params,
+        partitioner,
+        vocabulary.vocabulary,
+        task_feature_lengths["inputs"],
+        max_decode_length or task_feature_lengths["targets"],
+        label_evaluation.batch_size or batch_size,
+        label_evaluation.length_normalized,
+    )
+    mode = label_evaluation.modes[0]
+    with partitioner.activation_rules():
+        inputs = predictor.tokenize([PREDICT_PREFIX + r["input"] for r in rows])
+        candidates = evaluation.candidate_labels(dataset, rows) if mode == "score" else None
+        for row, label in zip(rows, predictor(mode, inputs, candidates), strict=True):
+            row["label"] = label
+        if rationales:
+            inputs = predictor.tokenize([EXPLAIN_PREFIX + r["input"] for r in rows])
+            for row, rationale in zip(rows, predictor("generate", inputs), strict=True):
+                row["rationale"] = rationale
     name = f"predictions_{split}_checkpoint_{step}.jsonl"
     out = model_dir_path(output_file) if output_file else model_dir_path(model_dir) / name
     if jax.process_index() == 0:
         with out.open("w", encoding="utf-8") as f:
             for row in rows:
+                row.pop("choices")
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(f"wrote {len(rows)} predictions (checkpoint {step}) to {out}")
     return out

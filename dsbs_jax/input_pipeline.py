@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
+import jax
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -61,3 +62,19 @@ def train_batches(
         rows = tf.constant(np.asarray(host_rows, np.int64))
         ds = ds.map(lambda batch: {name: tf.gather(value, rows) for name, value in batch.items()})
     return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def batch_spec(
+    task_feature_lengths: Mapping[str, int], batch_rows: int, pack: bool
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of the model features of a batch `train_batches` yields."""
+    converter = StepByStepFeatureConverter(pack=pack)
+    lengths = converter.get_model_feature_lengths(task_feature_lengths)
+    specs = converter.MODEL_FEATURES
+    return {
+        name: jax.ShapeDtypeStruct(
+            (batch_rows, length),
+            specs[name].dtype.as_numpy_dtype if name in specs else np.int32,
+        )
+        for name, length in lengths.items()
+    }

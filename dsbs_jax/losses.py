@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from dsbs_jax.data.preprocessors import TaskRole
+from dsbs_jax.roles import TaskRole
 
 Array = jax.Array
 ROLES = {"label": int(TaskRole.LABEL), "rationale": int(TaskRole.RATIONALE)}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import gin
 import optax
 
+from dsbs_jax.errors import UserError
+
 
 @gin.configurable
 def linear_decay(learning_rate: float, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
@@ -38,7 +40,7 @@ def adamw(
     elif schedule == "constant":
         rate = learning_rate
     else:
-        raise ValueError(f"adamw schedule must be 'linear' or 'constant', got {schedule!r}")
+        raise UserError(f"adamw schedule must be 'linear' or 'constant', got {schedule!r}")
     return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
 
@@ -71,7 +73,7 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """The named optimizer behind global-norm gradient clipping (HF's max_grad_norm = 1.0)."""
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}")
+        raise UserError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}")
     optimizer = OPTIMIZERS[name](total_steps)
     if grad_clip_norm is None:
         return optimizer

@@ -31,6 +31,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dsbs_jax.errors import UserError
+
 if TYPE_CHECKING:
     import seqio
 
@@ -69,7 +71,7 @@ def standard_logical_axis_rules(
     """
     dims = (activation_partitioning_dims, parameter_partitioning_dims)
     if not set(dims) <= {1, 2}:
-        raise ValueError(
+        raise UserError(
             f"activation_partitioning_dims={activation_partitioning_dims} and "
             f"parameter_partitioning_dims={parameter_partitioning_dims}: each must be 1 or 2"
         )
@@ -139,7 +141,7 @@ class Partitioner:
     ) -> None:
         devices = list(jax.devices() if devices is None else devices)
         if num_partitions < 1 or len(devices) % num_partitions:
-            raise ValueError(
+            raise UserError(
                 f"num_partitions={num_partitions} must be a positive divisor of the number of "
                 f"devices ({len(devices)})"
             )
@@ -219,7 +221,7 @@ class Partitioner:
         single-process run would, whatever the mapping of the "data" axis onto hosts.
         """
         if global_batch_size % self.mesh.shape["data"]:
-            raise ValueError(
+            raise UserError(
                 f"batch size {global_batch_size} is not divisible by the data-parallel size "
                 f"{self.mesh.shape['data']}"
             )
@@ -248,7 +250,7 @@ class Partitioner:
         data_size = self.mesh.shape["data"]
         rows = self.host_rows(data_size)
         if not np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
-            raise ValueError(f"this host feeds non-contiguous rows {rows} of the data axis")
+            raise UserError(f"this host feeds non-contiguous rows {rows} of the data axis")
         return int(rows[0]) // len(rows), data_size // len(rows)
 
     def data_shard_info(self) -> seqio.ShardInfo:

@@ -32,6 +32,7 @@ from typing import Any
 from tqdm import tqdm
 
 from dsbs_jax.aot import CHIPS, FIT_FRACTION, GiB, parse_topology
+from dsbs_jax.errors import UserError
 
 SIZES = ("small", "base", "large", "xl", "xxl")
 SLICES = ("v4-8", "v4-32", "v5litepod-16", "v5litepod-64", "v5p-8", "v5p-32")
@@ -320,7 +321,7 @@ def _names(value: str, known: Sequence[str], what: str) -> list[str]:
     names = [n for n in value.split(",") if n]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise ValueError(f"--{what}: unknown {unknown or value!r}; choose from {','.join(known)}")
+        raise UserError(f"--{what}: unknown {unknown or value!r}; choose from {','.join(known)}")
     return names
 
 
@@ -353,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = _names(args.sizes, SIZES, "sizes")
         slices = _names(args.slices, SLICES, "slices")
         optimizers = _names(args.optimizers, OPTIMIZERS, "optimizers")
-    except ValueError as e:
+    except UserError as e:
         parser.error(str(e))
     if not gin_args and not args.render_only:
         parser.error(

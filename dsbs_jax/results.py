@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dsbs_jax.errors import UserError
+
 TEST_RESULTS_FILE = "test_results.json"
 RUN_FILE = "run.json"
 SEED_MACROS = ("SEED", "RANDOM_SEED", "DATA_SEED")
@@ -64,7 +66,7 @@ def test_metric(results: dict[str, Any], where: Path) -> tuple[str, float]:
         k for k in results if k.count("/") == 3 and k.split("/")[2] == "score"
     ]
     if len(keys) != 1:
-        raise ValueError(f"{where}: expected one <split>/<task>/<metric> result, found {keys}")
+        raise UserError(f"{where}: expected one <split>/<task>/<metric> result, found {keys}")
     return keys[0], float(results[keys[0]])
 
 

@@ -34,7 +34,8 @@ import gin
 
 from dsbs_jax import results as results_lib
 from dsbs_jax.data.run_inputs import ensure_run_inputs
-from dsbs_jax.gin_utils import EXIT_BAD_INPUT, check_macros_used, parse_gin, split_gin_flags
+from dsbs_jax.errors import EXIT_BAD_INPUT, UserError
+from dsbs_jax.gin_utils import check_macros_used, parse_gin, split_gin_flags
 
 # A method's name → the mixture suffix of its SeqIO registration (dsbs_<dataset>_<suffix>).
 METHOD_MIXTURES = {
@@ -79,15 +80,15 @@ def parse_sweep_flag(flag: str) -> tuple[str, list[Any]]:
     name, sep, values_text = flag.partition("=")
     name = name.strip()
     if not sep or not _MACRO.match(name):
-        raise ValueError(f"--sweep {flag!r}: expected MACRO=[v1,v2,...] with an upper-case macro")
+        raise UserError(f"--sweep {flag!r}: expected MACRO=[v1,v2,...] with an upper-case macro")
     try:
         values = ast.literal_eval(values_text.strip())
     except (ValueError, SyntaxError) as e:
-        raise ValueError(f"--sweep {flag!r}: the values are not a Python list ({e})") from None
+        raise UserError(f"--sweep {flag!r}: the values are not a Python list ({e})") from None
     if not isinstance(values, list) or not values:
-        raise ValueError(f"--sweep {flag!r}: give a non-empty list of values")
+        raise UserError(f"--sweep {flag!r}: give a non-empty list of values")
     if len(set(map(repr, values))) != len(values):
-        raise ValueError(f"--sweep {flag!r}: a value is repeated")
+        raise UserError(f"--sweep {flag!r}: a value is repeated")
     return name, values
 
 
@@ -95,7 +96,7 @@ def plan(methods: Sequence[str], axes: Mapping[str, Sequence[Any]]) -> list[Run]
     """Every combination of the swept values × method; alpha-free methods once per alpha sweep."""
     unknown = [m for m in methods if m not in METHOD_MIXTURES]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHOD_MIXTURES)}")
+        raise UserError(f"unknown method(s) {unknown}; choose from {sorted(METHOD_MIXTURES)}")
     # Methods vary fastest, so a sweep cut short still compares them on the same settings.
     names = list(axes)
     runs: list[Run] = []
@@ -114,7 +115,7 @@ def dataset_of(mixture_or_task_name: str) -> str:
         match = re.fullmatch(rf"dsbs_(.+)_{suffix}", mixture_or_task_name)
         if match:
             return match.group(1)
-    raise ValueError(
+    raise UserError(
         f"MIXTURE_OR_TASK_NAME {mixture_or_task_name!r} is not one of the dsbs_<dataset>_<method>"
         " mixtures, so the sweep cannot tell which dataset to train on"
     )
@@ -132,7 +133,7 @@ def _macro(name: str) -> Any:
     try:
         return gin.query_parameter(f"{name}/macro.value")
     except ValueError:
-        raise ValueError(f"the gin files define no macro {name}") from None
+        raise UserError(f"the gin files define no macro {name}") from None
 
 
 def _binds(macro: str, binding: str) -> bool:
@@ -150,7 +151,7 @@ def _claim(model_dir: Path, run: Run, flags: list[str]) -> None:
     if path.exists():
         previous = json.loads(path.read_text())
         if previous != record:
-            raise ValueError(
+            raise UserError(
                 f"{model_dir} holds a run made with other flags ({previous['flags']});"
                 " give the sweep another MODEL_DIR or remove that directory"
             )
@@ -229,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.aggregate_only:
         try:
             failed = _launch(runs, dataset, sweep_dir, shared, args.print_commands, args.jobs)
-        except ValueError as e:
+        except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         if args.print_commands:

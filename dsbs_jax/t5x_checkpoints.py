@@ -20,16 +20,15 @@ from typing import Any
 
 import numpy as np
 
-OURS_PARAMS = "params"
+# t5x's OrbaxCheckpointManagerInterface writes the item and step folders that ours have.
+from dsbs_jax.checkpoints import PARAMS_KEY, STATE_ITEM, STEP_PREFIX
+
 T5X_PARAMS = "target"
-# Item and step-directory names as t5x's OrbaxCheckpointManagerInterface writes them.
-STATE_ITEM = "state"
-STEP_PREFIX = "checkpoint"
 
 
 def params_key(tree: Mapping[str, Any]) -> str | None:
     """'params' (ours) or 'target' (t5x): where the parameters sit in a checkpoint's tree."""
-    for key in (OURS_PARAMS, T5X_PARAMS):
+    for key in (PARAMS_KEY, T5X_PARAMS):
         if key in tree:
             return key
     return None

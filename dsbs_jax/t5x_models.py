@@ -25,6 +25,7 @@ from t5x import models
 
 from dsbs_jax.data import registration
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
+from dsbs_jax.errors import UserError
 from dsbs_jax.losses import step_by_step_loss, summarise_loss_sums
 
 
@@ -36,7 +37,7 @@ class StepByStepEncoderDecoderModel(models.EncoderDecoderModel):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self._loss_normalizing_factor is not None:
-            raise ValueError(
+            raise UserError(
                 "the step-by-step loss normalises by each task's token count; "
                 "set LOSS_NORMALIZING_FACTOR = None"
             )

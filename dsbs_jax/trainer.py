@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import optax
 
 from dsbs_jax import losses
+from dsbs_jax.errors import UserError
 from dsbs_jax.models.t5 import T5
+from dsbs_jax.partitioning import Partitioner
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -87,7 +89,7 @@ def batch_counts(batch: Batch) -> dict[str, Array]:
 def _split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, Array]:
     def split(x: Array) -> Array:
         if x.shape[0] % num_microbatches:
-            raise ValueError(
+            raise UserError(
                 f"batch size {x.shape[0]} is not divisible by {num_microbatches} microbatches"
             )
         return x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:])
@@ -156,3 +158,30 @@ def make_eval_step(
         return sums
 
     return eval_step
+
+
+def jit_train_step(
+    model: T5,
+    optimizer: optax.GradientTransformation,
+    partitioner: Partitioner,
+    abstract_state: TrainState,
+    num_microbatches: int = 1,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict[str, Array]]]:
+    """`make_train_step` jitted with the state's shardings (from its abstract state), rows
+    over "data", the state donated; trace and call it inside `activation_rules()`."""
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+    return jax.jit(
+        make_train_step(model, optimizer, num_microbatches, label_smoothing, z_loss),
+        in_shardings=(shardings, partitioner.data_sharding, partitioner.replicated),
+        out_shardings=(shardings, partitioner.replicated),
+        donate_argnums=(0,),
+    )
+
+
+def jit_eval_step(
+    model: T5, label_smoothing: float = 0.0, z_loss: float = 0.0
+) -> Callable[[PyTree, Batch], dict[str, Array]]:
+    """`make_eval_step` jitted; its inputs' shardings place it."""
+    return jax.jit(make_eval_step(model, label_smoothing, z_loss))

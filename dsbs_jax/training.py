@@ -1,211 +1,97 @@
-"""The training program (run by `python -m dsbs_jax.train`), configured by gin.
+"""The training program (run by `python -m dsbs_jax.train`), configured by the run gin.
 
-The t5x training program in small: sharded state created in place, a jitted
-train step with explicit shardings, periodic evaluation on the validation split
-(teacher-forced losses and decoded labels), the best checkpoint by validation
-metric kept, automatic resumption from MODEL_DIR, and the test split evaluated
-once at the end with the best checkpoint.
+t5x's training program in small. The run gin passes in what t5x's run gins pass (the model's
+settings, the partitioner, the optimizer, the checkpointer and the label evaluation) and the
+run's macros; `train` then
+
+* checks everything it can before it writes anything: the data and vocabulary, the mesh and
+  batch sizes, the checkpoint it would resume or start from (`--check` stops there and prints
+  what would run);
+* makes the training state real once (`dsbs_jax.state`): restored from MODEL_DIR straight into
+  its shardings when a checkpoint exists, else initialised;
+* trains with a jitted step over this host's batches, evaluating on `eval_split` every
+  `eval_period` steps and keeping the best checkpoint by the first label metric;
+* saves a checkpoint before each evaluation it would otherwise wait on (always before the
+  last), so a long evaluation never holds up a checkpoint: a checkpoint saved that way is
+  marked, and a resumed run evaluates that step first;
+* on SIGTERM (a preempted or maintained TPU VM) saves a checkpoint at the step every host
+  reached and exits with `preemption.EXIT_PREEMPTED`; the same command resumes there;
+* stops early when `early_stopping` says so, then tests the best checkpoint's parameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
+import optax
 import seqio
 from tqdm import tqdm
 
-from dsbs_jax import checkpoint_import, evaluation, optimizers, trainer
-from dsbs_jax.checkpoints import Checkpointer
-from dsbs_jax.checkpoints import model_dir_path as model_dir_path_of
-from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
+from dsbs_jax import checkpoint_import, checkpoints, trainer
+from dsbs_jax.checkpoints import Checkpointer, model_dir_path
 from dsbs_jax.data.run_inputs import ensure_run_inputs
 from dsbs_jax.early_stopping import MetricHistory, early_stopping
+from dsbs_jax.errors import UserError
+from dsbs_jax.evaluation import SplitEvaluator, primary_metric
 from dsbs_jax.input_pipeline import train_batches
-from dsbs_jax.models.t5 import T5, T5Config, get_config
+from dsbs_jax.label_prediction import LabelEvaluation
+from dsbs_jax.model_config import build_model_config
 from dsbs_jax.partitioning import Partitioner
+from dsbs_jax.preemption import Preempted, PreemptionWatch
+from dsbs_jax.state import Student
 from dsbs_jax.summaries import MetricsWriter
 
-VOCAB_MULTIPLE = 128  # t5x pads the 32100-piece T5 vocabulary to 32128 the same way
+PyTree = Any
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite; the message names the step."""
 
 
-# t5_config passes what it does not name on to T5Config: gin may bind those fields, no others.
-_T5_CONFIG_PARAMETERS = ["preset", "original_t5", *(f.name for f in dataclasses.fields(T5Config))]
+@dataclasses.dataclass(frozen=True)
+class InputSettings:
+    """What the training batches are made of."""
+
+    mixture_or_task_name: str
+    task_feature_lengths: Mapping[str, int]
+    batch_size: int
+    pack: bool = True
+    use_cached: bool = False
+    shard_files_by_host: bool = False
 
 
-@gin.configurable(allowlist=_T5_CONFIG_PARAMETERS)
-def t5_config(
-    preset: str = "small",
-    vocab_size: int | None = None,
-    dtype: str = "bfloat16",
-    dropout_rate: float = 0.1,
-    original_t5: bool = False,
-    **overrides: Any,
-) -> dict[str, Any]:
-    """The student's hyper-parameters as gin sets them (see gin_configs/models/).
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """How the loop steps, logs and evaluates."""
 
-    `vocab_size` None: the tasks' vocabulary size, rounded up to a multiple of 128.
-    `original_t5` selects ReLU and tied logits instead of T5 1.1's gated GELU.
-    """
-    config = dict(
-        preset=preset,
-        vocab_size=vocab_size,
-        dtype=jnp.dtype(dtype),
-        dropout_rate=dropout_rate,
-        **overrides,
-    )
-    if original_t5:
-        config.update(mlp_activations=("relu",), logits_via_embedding=True)
-    return config
+    train_steps: int
+    random_seed: int = 0
+    eval_period: int = 1000
+    log_period: int = 10
+    num_microbatches: int = 1
+    label_smoothing: float = 0.0
+    z_loss: float = 1e-4
+    use_hardware_rng: bool = False
 
 
-def build_model_config(config: Mapping[str, Any], vocabulary: seqio.Vocabulary) -> T5Config:
-    settings = dict(config)
-    preset = settings.pop("preset")
-    if settings.get("vocab_size") is None:
-        settings["vocab_size"] = -(-vocabulary.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    elif settings["vocab_size"] < vocabulary.vocab_size:
-        raise ValueError(
-            f"model vocab_size {settings['vocab_size']} is smaller than the tasks' vocabulary "
-            f"({vocabulary.vocab_size} pieces)"
-        )
-    return get_config(preset, **settings)
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """Which splits are evaluated, and with what batches."""
 
-
-def _task_vocabulary(mixture_or_task_name: str) -> seqio.Vocabulary:
-    return seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"].vocabulary
-
-
-def _primary_metric(mixture_or_task_name: str, split: str) -> str | None:
-    """The metric that picks the best checkpoint, e.g. 'validation/dsbs_cqa_label_llm/accuracy'."""
-    tasks = evaluation.metric_tasks(mixture_or_task_name)
-    if not tasks:
-        return None
-    mode = evaluation.label_evaluation().modes[0]
-    return evaluation.metric_key(split, tasks[0].name, tasks[0].metric_fns[0].__name__, mode)
-
-
-def abstract_like(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-class Student:
-    """A student for one config: model, partitioner, optimizer and sharded initial state.
-
-    Training, evaluation and inference all start here, so they agree on shapes and
-    shardings and can restore one another's checkpoints.
-    """
-
-    def __init__(
-        self,
-        mixture_or_task_name: str,
-        task_feature_lengths: Mapping[str, int],
-        model_config: Mapping[str, Any],
-        train_steps: int,
-        seed: int,
-        initial_checkpoint_path: str | None = None,
-        devices: Sequence[jax.Device] | None = None,
-        abstract: bool = False,
-    ) -> None:
-        """Parameters start random (seeded), or from a pretrained checkpoint when a path is
-        given: Hugging Face, t5x or ours (see `dsbs_jax.checkpoint_import`).
-
-        `devices` (default: all) are the mesh's; `abstract` makes `state` shapes, dtypes and
-        shardings only (`jax.ShapeDtypeStruct`s, nothing allocated), which is what compiling
-        ahead of time for devices this host does not have needs (see `dsbs_jax.aot`).
-        """
-        self.vocabulary = _task_vocabulary(mixture_or_task_name)
-        self.config = build_model_config(model_config, self.vocabulary)
-        self.model = T5(self.config)
-        self.partitioner = Partitioner(devices=devices)
-        self.optimizer = optimizers.make_optimizer(train_steps)
-        lengths = task_feature_lengths
-
-        def init_params(rng: jax.Array) -> Any:
-            encoder = jnp.ones((1, lengths["inputs"]), jnp.int32)
-            decoder = jnp.ones((1, lengths["targets"]), jnp.int32)
-            return self.model.init(rng, encoder, decoder, enable_dropout=False)["params"]
-
-        if abstract:
-            params = _abstract_sharded(self.partitioner, init_params, jax.random.key(seed))
-        elif initial_checkpoint_path:
-            shardings = checkpoint_import.param_shardings(self.config, self.partitioner)
-            params = checkpoint_import.load_params(initial_checkpoint_path, self.config, shardings)
-        else:
-            params, _ = self.partitioner.init_sharded(init_params, jax.random.key(seed))
-
-        def init_state(params: Any) -> trainer.TrainState:
-            return trainer.init_state(params, self.optimizer)
-
-        abstract_state = jax.eval_shape(init_state, params)
-        self.state_shardings = self.partitioner.state_shardings(abstract_state, params)
-        if abstract:
-            self.state = jax.tree.map(_with_sharding, abstract_state, self.state_shardings)
-        else:
-            with self.partitioner.activation_rules():
-                self.state = jax.jit(init_state, out_shardings=self.state_shardings)(params)
-
-
-def _with_sharding(leaf: Any, sharding: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-
-def _abstract_sharded(partitioner: Partitioner, init_fn: Any, *args: Any) -> Any:
-    """What `partitioner.init_sharded(init_fn, *args)` makes, as sharded ShapeDtypeStructs."""
-    with partitioner.activation_rules():
-        boxed = jax.eval_shape(init_fn, *args)
-        shardings = partitioner.logical_to_sharding(nn.get_partition_spec(boxed))
-    return jax.tree.map(_with_sharding, nn.unbox(boxed), shardings)
-
-
-def jit_train_step(
-    student: Student, num_microbatches: int, label_smoothing: float, z_loss: float
-) -> Any:
-    """The jitted train step with its shardings; trace it inside `activation_rules()`."""
-    partitioner = student.partitioner
-    return jax.jit(
-        trainer.make_train_step(
-            student.model, student.optimizer, num_microbatches, label_smoothing, z_loss
-        ),
-        in_shardings=(student.state_shardings, partitioner.data_sharding, partitioner.replicated),
-        out_shardings=(student.state_shardings, partitioner.replicated),
-        donate_argnums=(0,),
-    )
-
-
-def jit_eval_step(student: Student, label_smoothing: float, z_loss: float) -> Any:
-    """The jitted teacher-forced eval step; its inputs' shardings place it."""
-    return jax.jit(trainer.make_eval_step(student.model, label_smoothing, z_loss))
-
-
-def batch_spec(
-    task_feature_lengths: Mapping[str, int], batch_rows: int, pack: bool
-) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes and dtypes of the model features of a batch the input pipeline yields."""
-    converter = StepByStepFeatureConverter(pack=pack)
-    lengths = converter.get_model_feature_lengths(task_feature_lengths)
-    specs = converter.MODEL_FEATURES
-    return {
-        name: jax.ShapeDtypeStruct(
-            (batch_rows, length),
-            specs[name].dtype.as_numpy_dtype if name in specs else np.int32,
-        )
-        for name, length in lengths.items()
-    }
+    eval_split: str = "validation"
+    test_split: str | None = "test"
+    batch_size: int = 64
+    max_decode_length: int | None = None
 
 
 @gin.configurable
@@ -217,6 +103,10 @@ def train(
     train_steps: int = gin.REQUIRED,
     batch_size: int = gin.REQUIRED,
     model_config: Mapping[str, Any] = gin.REQUIRED,
+    partitioner: Partitioner = gin.REQUIRED,
+    optimizer: optax.GradientTransformation = gin.REQUIRED,
+    label_evaluation: LabelEvaluation = gin.REQUIRED,
+    checkpointer_cls: Callable[..., Checkpointer] = Checkpointer,
     initial_checkpoint_path: str | None = None,
     random_seed: int = 0,
     num_microbatches: int = 1,
@@ -232,277 +122,377 @@ def train(
     use_cached: bool = False,
     shard_files_by_host: bool = False,
     use_hardware_rng: bool = False,
+    check: bool = False,
 ) -> dict[str, float]:
     """Trains, evaluates on `eval_split` every `eval_period` steps, then tests the best.
 
-    A run starts from `initial_checkpoint_path` (pretrained weights) unless MODEL_DIR already
-    holds a checkpoint of its own, which it resumes. With several hosts, each feeds its rows of
-    every batch; `shard_files_by_host` makes each read only its own files instead of the whole
-    stream (see `dsbs_jax.input_pipeline`). Only the first host writes MODEL_DIR's own files;
-    orbax coordinates the checkpoint writes of all hosts. `use_hardware_rng` draws dropout
-    masks with XLA's RngBitGenerator (see `trainer.dropout_key`). Training stops early when
-    gin sets `early_stopping.patience` and the validation metric stops improving.
+    The run gin (runs/base.gin) binds every argument but `check`; their names are t5x's. A run
+    starts from `initial_checkpoint_path` (pretrained weights) unless MODEL_DIR already holds
+    a checkpoint of its own, which it resumes. With several hosts, each feeds its rows of every
+    batch; `shard_files_by_host` makes each read only its own files instead of the whole stream
+    (see `dsbs_jax.input_pipeline`). Only the first host writes MODEL_DIR's own files; orbax
+    coordinates the checkpoint writes of all hosts. `use_hardware_rng` draws dropout masks with
+    XLA's RngBitGenerator (see `trainer.dropout_key`). `checkpointer_cls` makes the
+    checkpointer (gin: `@Checkpointer`, configured by `Checkpointer.period` etc.). `check`
+    stops after the checks and prints what would run. Returns the test split's results.
     """
-    ensure_run_inputs(mixture_or_task_name)
-    model_dir_path = model_dir_path_of(model_dir)  # gs:// as given, else a local path
-    is_host0 = jax.process_index() == 0
-    if is_host0:
-        model_dir_path.mkdir(parents=True, exist_ok=True)
-        (model_dir_path / "config.gin").write_text(gin.config_str())
-    best_metric = _primary_metric(mixture_or_task_name, eval_split)
-    checkpointer = (
-        Checkpointer(model_dir_path, best_metric=best_metric)
-        if best_metric
-        else Checkpointer(model_dir_path, keep_best=False)
-    )
-    resuming = checkpointer.latest_step() is not None
-    student = Student(
+    inputs = InputSettings(
         mixture_or_task_name,
         task_feature_lengths,
-        model_config,
+        batch_size,
+        pack,
+        use_cached,
+        shard_files_by_host,
+    )
+    loop = LoopSettings(
         train_steps,
         random_seed,
-        initial_checkpoint_path=None if resuming else initial_checkpoint_path,
+        eval_period,
+        log_period,
+        num_microbatches,
+        label_smoothing,
+        z_loss,
+        use_hardware_rng,
     )
-    if is_host0:
-        (model_dir_path / "model-info.txt").write_text(_model_info(student))
-    partitioner = student.partitioner
-    writer = MetricsWriter(model_dir_path, enabled=is_host0)
+    evals = EvalSettings(eval_split, test_split, eval_batch_size, max_decode_length)
+    run = TrainingRun.plan(
+        model_dir_path(model_dir),
+        model_config,
+        partitioner,
+        optimizer,
+        label_evaluation,
+        inputs,
+        loop,
+        evals,
+        initial_checkpoint_path,
+    )
+    if check:
+        print(run.summary())
+        return {}
+    return run.execute(checkpointer_cls)
 
-    state, start_step, data = student.state, 0, {}
-    if resuming:
-        checkpoint_import.check_resumable(str(model_dir_path), student.config)
-        state, data = checkpointer.restore(abstract_like(state))
-        start_step = int(state.step)
-        if data.get("seed") != random_seed:
-            raise ValueError(
-                f"MODEL_DIR {model_dir_path} was trained with RANDOM_SEED {data.get('seed')}, "
-                f"not {random_seed}; use another MODEL_DIR"
-            )
-        print(f"resuming from {model_dir_path} at step {start_step}", file=sys.stderr)
-    history = MetricHistory(early_stopping(best_metric), data.get("metric_history", ()))
 
-    with partitioner.activation_rules():
-        train_step = jit_train_step(student, num_microbatches, label_smoothing, z_loss)
-        eval_step = jit_eval_step(student, label_smoothing, z_loss)
-        evaluate = SplitEvaluator(
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+    """A training run, checked and ready: everything decided, nothing written yet."""
+
+    model_dir: Any  # an etils.epath.Path (local or gs://)
+    student: Student
+    optimizer: optax.GradientTransformation
+    labels: LabelEvaluation
+    inputs: InputSettings
+    loop: LoopSettings
+    evals: EvalSettings
+    initial_checkpoint_path: str | None
+    best_metric: str | None
+    resume_dir: Any  # the latest checkpoint folder under MODEL_DIR, or None
+    vocabulary: seqio.Vocabulary
+
+    @classmethod
+    def plan(
+        cls,
+        model_dir: Any,
+        model_config: Mapping[str, Any],
+        partitioner: Partitioner,
+        optimizer: optax.GradientTransformation,
+        labels: LabelEvaluation,
+        inputs: InputSettings,
+        loop: LoopSettings,
+        evals: EvalSettings,
+        initial_checkpoint_path: str | None,
+    ) -> TrainingRun:
+        """Checks the run's settings, data and MODEL_DIR; raises UserError naming the first
+        problem. Writes nothing but, where the run needs it, the built-in dataset."""
+        name = inputs.mixture_or_task_name
+        ensure_run_inputs(name)
+        vocabulary = seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
+        student = Student(build_model_config(model_config, vocabulary.vocab_size), partitioner)
+        _check_sizes(partitioner, inputs, loop, evals)
+        resume_dir = checkpoints.latest_step_dir(model_dir)
+        run = cls(
+            model_dir,
             student,
-            eval_step,
-            mixture_or_task_name,
-            task_feature_lengths,
-            eval_batch_size,
-            max_decode_length,
+            optimizer,
+            labels,
+            inputs,
+            loop,
+            evals,
+            initial_checkpoint_path,
+            primary_metric(name, evals.eval_split, labels),
+            resume_dir,
+            vocabulary,
         )
-        if history.stop:
-            print(f"{model_dir_path} stopped early at step {start_step}", file=sys.stderr)
-        elif start_step < train_steps:
-            batches = _host_train_batches(
-                partitioner,
-                mixture_or_task_name,
-                task_feature_lengths,
-                batch_size,
-                random_seed,
-                pack,
-                start_step,
-                use_cached,
-                shard_files_by_host,
+        if resume_dir is not None:
+            run._check_resumable()
+        elif initial_checkpoint_path:
+            checkpoint_import.checkpoint_format(initial_checkpoint_path)  # it is a checkpoint
+        return run
+
+    @functools.cached_property
+    def abstract_state(self) -> trainer.TrainState:
+        return self.student.abstract_train_state(self.optimizer)
+
+    def _check_resumable(self) -> None:
+        where = f"MODEL_DIR {self.model_dir}"
+        checkpoint_import.check_resumable(str(self.resume_dir), self.student.config)
+        data = checkpoints.read_data(self.resume_dir)
+        self.student.check_recorded(data, where)
+        checkpoints.check_compatible(self.resume_dir, self.abstract_state, where)
+        if data.get("seed") != self.loop.random_seed:
+            raise UserError(
+                f"{where} was trained with RANDOM_SEED {data.get('seed')}, not "
+                f"{self.loop.random_seed}; use another MODEL_DIR"
             )
-            state = _train_loop(
-                state,
-                train_step,
-                batches,
-                partitioner,
-                start_step,
-                train_steps,
-                batch_size,
-                log_period,
-                eval_period,
-                eval_split,
-                evaluate,
-                checkpointer,
-                writer,
-                random_seed,
-                trainer.dropout_key(random_seed, use_hardware_rng),
-                history,
+
+    def summary(self) -> str:
+        """What the run would do, for `--check`."""
+        config, mesh = self.student.config, self.student.partitioner.mesh
+        params = sum(x.size for x in jax.tree.leaves(self.student.abstract_params))
+        lengths = self.inputs.task_feature_lengths
+        rows = len(self.student.partitioner.host_rows(self.inputs.batch_size))
+        if self.resume_dir is None:
+            start = "a new run" + (
+                f" from {self.initial_checkpoint_path}" if self.initial_checkpoint_path else ""
             )
         else:
-            print(f"{model_dir_path} is already trained to step {start_step}", file=sys.stderr)
-        results: dict[str, float] = {}
-        if test_split:
-            if checkpointer.best_step() is not None:
-                state, _ = checkpointer.restore(abstract_like(state), best=True)
-            results = evaluate(state.params, test_split)
-            writer.write(int(state.step), f"test_{test_split}", results)
-            if is_host0:
-                (model_dir_path / "test_results.json").write_text(
-                    json.dumps({"step": int(state.step), **results}, indent=2) + "\n"
-                )
-                print(format_results(f"{test_split} (checkpoint {int(state.step)})", results))
-    checkpointer.close()
-    writer.close()
-    return results
+            start = f"resumes {self.resume_dir}"
+        return "\n".join(
+            [
+                "check: the run is ready",
+                f"  model       {config.num_encoder_layers}+{config.num_decoder_layers} layers, "
+                f"emb_dim {config.emb_dim}, {config.num_heads} heads of {config.head_dim}, "
+                f"mlp_dim {config.mlp_dim}, vocab {config.vocab_size}, {params:,} parameters, "
+                f"{np.dtype(config.dtype).name} activations",
+                f"  mesh        {dict(mesh.shape)} over {mesh.devices.size} "
+                f"{mesh.devices.flat[0].platform} device(s), {jax.process_count()} process(es)",
+                f"  batch       {self.inputs.batch_size} rows of {lengths['inputs']}/"
+                f"{lengths['targets']} tokens ({rows} fed by this host), "
+                f"{'packed' if self.inputs.pack else 'not packed'}, "
+                f"{self.loop.num_microbatches} microbatch(es)",
+                f"  steps       {self.loop.train_steps}, evaluation every "
+                f"{self.loop.eval_period} on {self.evals.eval_split} "
+                f"({', '.join(self.labels.modes)}), test on {self.evals.test_split}",
+                f"  data        {self.inputs.mixture_or_task_name}, vocabulary "
+                f"{getattr(self.vocabulary, 'sentencepiece_model_file', '?')} "
+                f"({self.vocabulary.vocab_size} pieces)",
+                f"  MODEL_DIR   {self.model_dir}: {start}",
+            ]
+        )
+
+    def execute(self, checkpointer_cls: Callable[..., Checkpointer]) -> dict[str, float]:
+        """Writes MODEL_DIR, trains, evaluates and tests; returns the test results."""
+        is_host0 = jax.process_index() == 0
+        if is_host0:
+            self.model_dir.mkdir(parents=True, exist_ok=True)
+            (self.model_dir / "config.gin").write_text(gin.config_str())
+            (self.model_dir / "model-info.txt").write_text(_model_info(self.student))
+        checkpointer = checkpointer_cls(self.model_dir, best_metric=self.best_metric)
+        writer = MetricsWriter(self.model_dir, enabled=is_host0)
+        try:
+            return self._train_and_test(checkpointer, writer)
+        finally:
+            checkpointer.close()  # waits for background saves: none outlives the program
+            writer.close()
+
+    def start_state(self, checkpointer: Checkpointer) -> tuple[trainer.TrainState, dict]:
+        """The one training state: restored into its shardings, else initialised."""
+        if self.resume_dir is None:
+            state = self.student.init_train_state(
+                self.optimizer, self.loop.random_seed, self.initial_checkpoint_path
+            )
+            return state, {}
+        state, data = checkpointer.restore(self.abstract_state)
+        print(f"resuming from {self.model_dir} at step {int(state.step)}", file=sys.stderr)
+        return state, data
+
+    def _train_and_test(self, checkpointer: Checkpointer, writer: MetricsWriter) -> dict:
+        student, partitioner = self.student, self.student.partitioner
+        state, data = self.start_state(checkpointer)
+        start_step = int(state.step)
+        history = MetricHistory(early_stopping(self.best_metric), data.get("metric_history", ()))
+        with partitioner.activation_rules():
+            evaluator = SplitEvaluator(
+                student.model,
+                partitioner,
+                trainer.jit_eval_step(student.model, self.loop.label_smoothing, self.loop.z_loss),
+                self.inputs.mixture_or_task_name,
+                self.inputs.task_feature_lengths,
+                self.evals.batch_size,
+                self.evals.max_decode_length,
+                self.labels,
+            )
+            loop = _Loop(self, evaluator, checkpointer, writer, history)
+            if data.get("pending_eval"):  # saved before its evaluation, which did not finish
+                loop.evaluate(start_step, state)
+            if history.stop:
+                print(f"{self.model_dir} stopped early at step {start_step}", file=sys.stderr)
+            elif start_step < self.loop.train_steps:
+                state = loop.run(state, start_step)
+            else:
+                print(f"{self.model_dir} is already trained to step {start_step}", file=sys.stderr)
+            if not self.evals.test_split:
+                return {}
+            checkpointer.wait_until_finished()
+            del state  # the test needs only the best checkpoint's parameters
+            step, step_dir = checkpoints.checkpoint_dir(self.model_dir, "best")
+            results = evaluator(student.restore_params(step_dir), self.evals.test_split)
+        split = self.evals.test_split
+        writer.write(step, f"test_{split}", results)
+        if jax.process_index() == 0:
+            (self.model_dir / "test_results.json").write_text(
+                json.dumps({"step": step, **results}, indent=2) + "\n"
+            )
+            print(format_results(f"{split} (checkpoint {step})", results))
+        return results
+
+    def host_batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+        """This host's rows of every global batch, from the whole stream or its own files."""
+        inputs, partitioner = self.inputs, self.student.partitioner
+        rows = partitioner.host_rows(inputs.batch_size)
+        if inputs.shard_files_by_host:
+            shard_info, batch_rows, host_rows = partitioner.data_shard_info(), len(rows), None
+        else:
+            shard_info, batch_rows, host_rows = seqio.ShardInfo(0, 1), inputs.batch_size, rows
+        if jax.process_count() > 1:
+            source = f"file shard {shard_info.index}" if inputs.shard_files_by_host else "all"
+            print(
+                f"host {jax.process_index()} of {jax.process_count()} reads {source} files and "
+                f"feeds rows {rows[0]}..{rows[-1]} ({len(rows)}) of each batch of "
+                f"{inputs.batch_size}",
+                file=sys.stderr,
+            )
+        return train_batches(
+            inputs.mixture_or_task_name,
+            inputs.task_feature_lengths,
+            batch_rows,
+            shard_info,
+            self.loop.random_seed,
+            inputs.pack,
+            start_step,
+            inputs.use_cached,
+            host_rows,
+        )
 
 
-class SplitEvaluator:
-    """Validation/test evaluation: teacher-forced losses of the mixture, and label metrics in
-    each mode of `evaluation.label_evaluation` (generated, scored among candidates). A task's
-    split is read once, at its first evaluation, and kept for the later ones."""
+def _check_sizes(
+    partitioner: Partitioner, inputs: InputSettings, loop: LoopSettings, evals: EvalSettings
+) -> None:
+    data_size = partitioner.mesh.shape["data"]
+    sizes = (("BATCH_SIZE", inputs.batch_size), ("train.eval_batch_size", evals.batch_size))
+    for name, rows in sizes:
+        if rows < 1 or rows % data_size:
+            raise UserError(
+                f"{name}={rows} must be a positive multiple of the data-parallel size "
+                f"{data_size} ({partitioner.mesh.devices.size} devices / "
+                f"{partitioner.num_partitions} partitions)"
+            )
+    if loop.num_microbatches < 1 or (inputs.batch_size // data_size) % loop.num_microbatches:
+        raise UserError(
+            f"train.num_microbatches={loop.num_microbatches} must divide the batch's rows per "
+            f"data-parallel shard ({inputs.batch_size // data_size})"
+        )
+    if loop.train_steps < 0 or loop.eval_period < 1 or loop.log_period < 1:
+        raise UserError(
+            f"TRAIN_STEPS={loop.train_steps} must be >= 0 and EVAL_PERIOD={loop.eval_period}, "
+            f"train.log_period={loop.log_period} >= 1"
+        )
+
+
+class _Loop:
+    """The training loop of one run, from a start step to the end or to a preemption."""
 
     def __init__(
         self,
-        student: Student,
-        eval_step: Any,
-        name: str,
-        lengths: Mapping[str, int],
-        batch_size: int,
-        max_decode_length: int | None,
+        run: TrainingRun,
+        evaluator: SplitEvaluator,
+        checkpointer: Checkpointer,
+        writer: MetricsWriter,
+        history: MetricHistory,
     ) -> None:
-        self._run, self._eval_step, self._name, self._lengths = student, eval_step, name, lengths
-        self._batch_size = batch_size
-        self._max_decode_length = max_decode_length or lengths["targets"]
-        self._labels = evaluation.label_evaluation()
-        self._examples: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.run_, self.evaluator, self.checkpointer = run, evaluator, checkpointer
+        self.writer, self.history = writer, history
+        self.settings = run.loop
+        self.is_host0 = jax.process_index() == 0
 
-    def __call__(self, params: Any, split: str) -> dict[str, float]:
-        student = self._run
-        losses = evaluation.teacher_forced(
-            self._eval_step,
-            params,
-            student.partitioner,
-            self._name,
-            self._lengths,
-            split,
-            self._batch_size,
-        )
-        results = {f"{split}/{k}": v for k, v in losses.items()}
-        labels = self._labels
-        for task in evaluation.metric_tasks(self._name):
-            if (task.name, split) not in self._examples:
-                self._examples[task.name, split] = evaluation.read_split(
-                    task, split, self._lengths["inputs"], self._max_decode_length
-                )
-            for mode in labels.modes:
-                rows = evaluation.predict_labels(
-                    mode,
-                    student.model,
-                    params,
-                    student.partitioner,
-                    task,
-                    split,
-                    self._examples[task.name, split],
-                    self._lengths["inputs"],
-                    labels.batch_size or self._batch_size,
-                    self._max_decode_length,
-                    labels.length_normalized,
-                )
-                scores = evaluation.score(task, rows)
-                results.update(
-                    {evaluation.metric_key(split, task.name, k, mode): v for k, v in scores.items()}
-                )
+    def data(self, step: int, pending_eval: bool = False) -> dict[str, Any]:
+        """The checkpoint's data item: what a resumed run needs besides the arrays."""
+        return {
+            "step": step,
+            "seed": self.settings.random_seed,
+            "metric_history": self.history.values,
+            "pending_eval": pending_eval,
+            **self.run_.student.record(),
+        }
+
+    def evaluate(self, step: int, state: trainer.TrainState) -> dict[str, float]:
+        split = self.run_.evals.eval_split
+        results = self.evaluator(state.params, split)
+        self.writer.write(step, "training_eval", results)
+        if self.is_host0:  # tqdm.write prints even when the bar is off
+            tqdm.write(format_results(f"{split} at step {step}", results))
+        self.history.add(results)
+        self.checkpointer.save_best(step, state, self.data(step), results)
         return results
 
-
-def _host_train_batches(
-    partitioner: Partitioner,
-    mixture_or_task_name: str,
-    task_feature_lengths: Mapping[str, int],
-    batch_size: int,
-    seed: int,
-    pack: bool,
-    start_step: int,
-    use_cached: bool,
-    shard_files_by_host: bool,
-) -> Iterator[dict[str, np.ndarray]]:
-    """This host's rows of every global batch, from the whole stream or from its own files."""
-    rows = partitioner.host_rows(batch_size)
-    if shard_files_by_host:
-        shard_info, batch_rows, host_rows = partitioner.data_shard_info(), len(rows), None
-    else:
-        shard_info, batch_rows, host_rows = seqio.ShardInfo(0, 1), batch_size, rows
-    if jax.process_count() > 1:
-        source = f"file shard {shard_info.index}" if shard_files_by_host else "all files"
-        print(
-            f"host {jax.process_index()} of {jax.process_count()} reads {source} and feeds "
-            f"rows {rows[0]}..{rows[-1]} ({len(rows)}) of each batch of {batch_size}",
-            file=sys.stderr,
+    def run(self, state: trainer.TrainState, start_step: int) -> trainer.TrainState:
+        run, settings = self.run_, self.settings
+        student, partitioner = run.student, run.student.partitioner
+        train_step = trainer.jit_train_step(
+            student.model,
+            run.optimizer,
+            partitioner,
+            run.abstract_state,
+            settings.num_microbatches,
+            settings.label_smoothing,
+            settings.z_loss,
         )
-    return train_batches(
-        mixture_or_task_name,
-        task_feature_lengths,
-        batch_rows,
-        shard_info,
-        seed,
-        pack,
-        start_step,
-        use_cached,
-        host_rows,
-    )
-
-
-def _train_loop(
-    state: trainer.TrainState,
-    train_step: Any,
-    batches: Any,
-    partitioner: Partitioner,
-    start_step: int,
-    train_steps: int,
-    batch_size: int,
-    log_period: int,
-    eval_period: int,
-    eval_split: str,
-    evaluate: SplitEvaluator,
-    checkpointer: Checkpointer,
-    writer: MetricsWriter,
-    seed: int,
-    rng: jax.Array,
-    history: MetricHistory,
-) -> trainer.TrainState:
-    pending: list[dict[str, jax.Array]] = []
-    window_start, window_step = time.perf_counter(), start_step
-    with tqdm(
-        total=train_steps,
-        initial=start_step,
-        desc="train",
-        unit="step",
-        disable=jax.process_index() != 0,
-    ) as bar:
-        for step in range(start_step + 1, train_steps + 1):
-            state, metrics = train_step(state, partitioner.shard_batch(next(batches)), rng)
-            pending.append(metrics)
-            if step % log_period == 0 or step == train_steps:
-                logged = _mean_metrics(jax.device_get(pending), step - len(pending) + 1)
-                logged.update(_throughput(logged, step - window_step, window_start, batch_size))
-                writer.write(step, "train", logged)
-                bar.set_postfix(
-                    loss=f"{logged['loss']:.4f}",
-                    ex_per_s=f"{logged['examples_per_second']:.1f}",
-                    tok_per_s=f"{logged['tokens_per_second']:.0f}",
-                    rows_per_s=f"{logged['rows_per_second']:.1f}",
-                )
-                pending, window_start, window_step = [], time.perf_counter(), step
-            bar.update(1)
-            metrics_for_best = None
-            if step % eval_period == 0 or step == train_steps:
-                eval_start = time.perf_counter()
-                metrics_for_best = evaluate(state.params, eval_split)
-                window_start += time.perf_counter() - eval_start  # rates count training only
-                writer.write(step, "training_eval", metrics_for_best)
-                if jax.process_index() == 0:  # tqdm.write prints even when the bar is off
-                    bar.write(format_results(f"{eval_split} at step {step}", metrics_for_best))
-                history.add(metrics_for_best)
-            data = {"step": step, "seed": seed, "metric_history": history.values}
-            stop = history.stop
-            checkpointer.save(
-                step, state, data, metrics_for_best, force=step == train_steps or stop
-            )
-            if stop:
-                if jax.process_index() == 0:
-                    bar.write(
-                        f"stopping early at step {step}: {history.rule.metric} has not "
-                        f"improved over the last {history.rule.patience} evaluations"
+        rng = trainer.dropout_key(settings.random_seed, settings.use_hardware_rng)
+        batches = run.host_batches(start_step)
+        pending: list[dict[str, jax.Array]] = []
+        window_start, window_step = time.perf_counter(), start_step
+        last = settings.train_steps
+        with (
+            PreemptionWatch() as preemption,
+            tqdm(
+                total=last, initial=start_step, desc="train", unit="step", disable=not self.is_host0
+            ) as bar,
+        ):
+            for step in range(start_step + 1, last + 1):
+                state, metrics = train_step(state, partitioner.shard_batch(next(batches)), rng)
+                pending.append(metrics)
+                if step % settings.log_period == 0 or step == last:
+                    logged = _mean_metrics(jax.device_get(pending), step - len(pending) + 1)
+                    logged.update(
+                        _throughput(logged, step - window_step, window_start, run.inputs.batch_size)
                     )
-                break
-    return state
+                    self.writer.write(step, "train", logged)
+                    bar.set_postfix(
+                        loss=f"{logged['loss']:.4f}",
+                        ex_per_s=f"{logged['examples_per_second']:.1f}",
+                        tok_per_s=f"{logged['tokens_per_second']:.0f}",
+                    )
+                    pending, window_start, window_step = [], time.perf_counter(), step
+                bar.update(1)
+                evaluates = step % settings.eval_period == 0 or step == last
+                # Saved before the evaluation, so a long one never holds up the checkpoint.
+                self.checkpointer.save(step, state, self.data(step, evaluates), force=step == last)
+                if evaluates:
+                    eval_start = time.perf_counter()
+                    self.evaluate(step, state)
+                    window_start += time.perf_counter() - eval_start  # rates count training only
+                if self.history.stop:
+                    self.checkpointer.save(step, state, self.data(step), force=True)
+                    if self.is_host0:
+                        bar.write(
+                            f"stopping early at step {step}: {self.history.rule.metric} has not "
+                            f"improved over the last {self.history.rule.patience} evaluations"
+                        )
+                    break
+                if preemption.reached(step):
+                    self.checkpointer.save(step, state, self.data(step), force=True)
+                    self.checkpointer.wait_until_finished()
+                    raise Preempted(step, str(run.model_dir))
+        return state
 
 
 def _throughput(
@@ -540,7 +530,7 @@ def format_results(title: str, results: Mapping[str, float]) -> str:
 
 def _model_info(student: Student) -> str:
     lines = [f"{student.config}", ""]
-    flat = jax.tree_util.tree_flatten_with_path(student.state.params)[0]
+    flat = jax.tree_util.tree_flatten_with_path(student.abstract_params)[0]
     total = 0
     for path, leaf in flat:
         total += leaf.size

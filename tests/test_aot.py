@@ -13,8 +13,11 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dsbs_jax import aot, training
+from dsbs_jax import aot
 from dsbs_jax.gin_utils import parse_gin
+from dsbs_jax.input_pipeline import batch_spec
+from dsbs_jax.model_config import build_model_config
+from dsbs_jax.state import Student
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -103,21 +106,14 @@ def test_tiny_train_step_memory_and_flops_match_the_shapes(gin_cache_root, tmp_p
     report = result["programs"]["train_step"]
     assert report["fits"] and report["hbm_bytes"] == 16 * aot.GiB
 
-    settings = aot.train_settings()
-    student = training.Student(
-        MIXTURE,
-        settings["task_feature_lengths"],
-        settings["model_config"],
-        settings["train_steps"],
-        0,
-        devices=aot.topology_devices("v5e", "v5e:2x2"),
-        abstract=True,
-    )
+    settings = aot.train_settings(aot.topology_devices("v5e", "v5e:2x2"))
+    config = build_model_config(settings["model_config"], 128)
+    student = Student(config, settings["partitioner"])
     batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=student.partitioner.data_sharding)
-        for k, v in training.batch_spec({"inputs": 64, "targets": 32}, 8, True).items()
+        for k, v in batch_spec({"inputs": 64, "targets": 32}, 8, True).items()
     }
-    state_bytes = _bytes_per_chip(student.state)
+    state_bytes = _bytes_per_chip(student.abstract_train_state(settings["optimizer"]))
     key_bytes = 8  # a threefry key: two uint32
     # Up to TPU tile padding of the smallest arrays (relative position biases of 2 heads).
     shapes_bytes = state_bytes + _bytes_per_chip(batch) + key_bytes
@@ -125,7 +121,6 @@ def test_tiny_train_step_memory_and_flops_match_the_shapes(gin_cache_root, tmp_p
     assert state_bytes <= report["alias_bytes"] < 1.01 * state_bytes  # donated: updated in place
     assert report["total_bytes"] < report["argument_bytes"] + report["output_bytes"] + 2**26
 
-    config = student.config
     expected = aot.model_flops(config, 8, 64, 32, train=True)
     assert expected == report["model_flops"]
     # XLA counts the elementwise work too (softmax, GELU, loss, AdamW): a little above.

@@ -383,8 +383,8 @@ def test_t5x_checkpoint_loads(loaded, partitioner, tmp_path) -> None:
 def test_our_checkpoint_loads_params_only(loaded, partitioner, tmp_path) -> None:
     config, params = loaded["original"]
     state = {"step": jnp.int32(7), "params": params, "opt_state": {"mu": jnp.ones(3)}}
-    with Checkpointer(tmp_path, keep_best=False) as checkpointer:
-        checkpointer.save(7, state, data={}, force=True)
+    with Checkpointer(tmp_path) as checkpointer:
+        checkpointer.save(7, state, {}, force=True)
     assert checkpoint_config(str(tmp_path), **F32) == config
     for path in (tmp_path, tmp_path / "checkpoint_7"):
         assert_same_params(load(path, config, partitioner), params)

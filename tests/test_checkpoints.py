@@ -49,11 +49,16 @@ def assert_same(restored: dict, expected: dict) -> None:
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+BEST = "valid/accuracy"
+
+
 def steps_on_disk(model_dir: Path) -> tuple[list[str], list[str]]:
     best = model_dir / "best"
     return (
         sorted(p.name for p in model_dir.iterdir() if p.name.startswith("checkpoint")),
-        sorted(p.name for p in best.iterdir() if p.name.startswith("checkpoint")),
+        sorted(p.name for p in best.iterdir() if p.name.startswith("checkpoint"))
+        if best.is_dir()
+        else [],
     )
 
 
@@ -108,13 +113,16 @@ def test_period_and_force(tmp_path: Path, mesh) -> None:
 
 def test_keeps_recent_plus_best_and_resumes(tmp_path: Path, mesh) -> None:
     accuracy = {2: 0.1, 4: 0.9, 6: 0.5, 8: 0.3}
-    with Checkpointer(tmp_path, period=2, keep=2) as ckpt:
+    with Checkpointer(tmp_path, BEST, period=2, keep=2) as ckpt:
         for step, acc in accuracy.items():
-            assert ckpt.save(step, make_state(mesh, step), {"step": step}, {"valid/accuracy": acc})
+            assert ckpt.save(step, make_state(mesh, step), {"step": step})
+            assert ckpt.save_best(step, make_state(mesh, step), {"step": step}, {BEST: acc}) == (
+                step <= 4
+            )
         assert ckpt.best_step() == 4
     assert steps_on_disk(tmp_path) == (["checkpoint_6", "checkpoint_8"], ["checkpoint_4"])
 
-    with Checkpointer(tmp_path, period=2, keep=2) as resumed:
+    with Checkpointer(tmp_path, BEST, period=2, keep=2) as resumed:
         assert resumed.latest_step() == 8
         assert resumed.best_step() == 4
         target = abstract(make_state(mesh, 0))
@@ -125,16 +133,18 @@ def test_keeps_recent_plus_best_and_resumes(tmp_path: Path, mesh) -> None:
         assert_same(state, make_state(mesh, 8))
         assert data == {"step": 8}
         # The best so far is read back from disk: a worse metric does not replace it.
-        assert resumed.save(10, make_state(mesh, 10), {}, {"valid/accuracy": 0.8})
+        assert resumed.save(10, make_state(mesh, 10), {})
+        assert not resumed.save_best(10, make_state(mesh, 10), {}, {BEST: 0.8})
         assert resumed.best_step() == 4
     assert steps_on_disk(tmp_path) == (["checkpoint_10", "checkpoint_8"], ["checkpoint_4"])
 
 
 def test_best_mode_min_and_off_period_best(tmp_path: Path, mesh) -> None:
-    with Checkpointer(tmp_path, period=100, best_metric="valid/loss", best_mode="min") as ckpt:
-        assert ckpt.save(3, make_state(mesh, 3), {}, {"valid/loss": 2.0})
-        assert ckpt.save(7, make_state(mesh, 7), {}, {"valid/loss": 1.0})
-        assert not ckpt.save(9, make_state(mesh, 9), {}, {"valid/loss": 1.5})
+    with Checkpointer(tmp_path, best_metric="valid/loss", period=100, best_mode="min") as ckpt:
+        for step, loss in ((3, 2.0), (7, 1.0), (9, 1.5)):
+            assert not ckpt.save(step, make_state(mesh, step), {})
+            improved = ckpt.save_best(step, make_state(mesh, step), {}, {"valid/loss": loss})
+            assert improved == (step != 9)
         assert ckpt.best_step() == 7
         assert ckpt.latest_step() is None  # no step was a multiple of the period
     assert steps_on_disk(tmp_path) == ([], ["checkpoint_7"])
@@ -170,21 +180,23 @@ def test_missing_and_unexpected_keys(tmp_path: Path, mesh) -> None:
 
 
 def test_interrupted_save_is_ignored(tmp_path: Path, mesh) -> None:
-    with Checkpointer(tmp_path, period=2, keep=2) as ckpt:
-        ckpt.save(8, make_state(mesh, 8), {"step": 8}, {"valid/accuracy": 0.5})
+    with Checkpointer(tmp_path, BEST, period=2, keep=2) as ckpt:
+        ckpt.save(8, make_state(mesh, 8), {"step": 8})
+        ckpt.save_best(8, make_state(mesh, 8), {"step": 8}, {BEST: 0.5})
     # A save killed before orbax's final rename leaves its temporary directory
     # behind; even a complete-looking one must not count as a checkpoint.
     for parent in (tmp_path, tmp_path / "best"):
         shutil.copytree(parent / "checkpoint_8", parent / "checkpoint_10.orbax-checkpoint-tmp")
 
-    with Checkpointer(tmp_path, period=2, keep=2) as resumed:
+    with Checkpointer(tmp_path, BEST, period=2, keep=2) as resumed:
         assert resumed.latest_step() == 8
         assert resumed.best_step() == 8
         state, data = resumed.restore(abstract(make_state(mesh, 0)))
         assert_same(state, make_state(mesh, 8))
         assert data == {"step": 8}
         # Redoing the interrupted step works, and the leftovers are gone.
-        assert resumed.save(10, make_state(mesh, 10), {"step": 10}, {"valid/accuracy": 0.7})
+        assert resumed.save(10, make_state(mesh, 10), {"step": 10})
+        assert resumed.save_best(10, make_state(mesh, 10), {"step": 10}, {BEST: 0.7})
         assert resumed.latest_step() == 10
         assert resumed.best_step() == 10
     assert steps_on_disk(tmp_path) == (["checkpoint_10", "checkpoint_8"], ["checkpoint_10"])
@@ -192,8 +204,9 @@ def test_interrupted_save_is_ignored(tmp_path: Path, mesh) -> None:
 
 def test_async_save(tmp_path: Path, mesh) -> None:
     state = make_state(mesh, 2)
-    with Checkpointer(tmp_path, period=2, async_save=True) as ckpt:
-        assert ckpt.save(2, state, {"step": 2}, {"valid/accuracy": 0.5})
+    with Checkpointer(tmp_path, BEST, period=2, async_save=True) as ckpt:
+        assert ckpt.save(2, state, {"step": 2})
+        assert ckpt.save_best(2, state, {"step": 2}, {BEST: 0.5})
         ckpt.wait_until_finished()
         restored, data = ckpt.restore(abstract(state), best=True)
     assert_same(restored, state)
@@ -202,7 +215,7 @@ def test_async_save(tmp_path: Path, mesh) -> None:
 
 
 def test_empty_model_dir(tmp_path: Path, mesh) -> None:
-    with Checkpointer(tmp_path / "fresh") as ckpt:
+    with Checkpointer(tmp_path / "fresh", BEST) as ckpt:
         assert ckpt.latest_step() is None
         assert ckpt.best_step() is None
         with pytest.raises(FileNotFoundError, match="has no checkpoint"):
@@ -213,9 +226,10 @@ def test_relative_model_dir(tmp_path: Path, mesh, monkeypatch) -> None:
     """MODEL_DIR = "runs/demo" as the demo config writes it: relative to the working dir."""
     monkeypatch.chdir(tmp_path)
     state = make_state(mesh, step=2)
-    with Checkpointer("runs/demo", period=1) as ckpt:
-        assert ckpt.save(2, state, {"step": 2}, metrics={"valid/accuracy": 1.0})
-    with Checkpointer("runs/demo", period=1) as ckpt:
+    with Checkpointer("runs/demo", BEST, period=1) as ckpt:
+        assert ckpt.save(2, state, {"step": 2})
+        assert ckpt.save_best(2, state, {"step": 2}, {BEST: 1.0})
+    with Checkpointer("runs/demo", BEST, period=1) as ckpt:
         assert (ckpt.latest_step(), ckpt.best_step()) == (2, 2)
         assert_same(ckpt.restore(abstract(state))[0], state)
     assert (tmp_path / "runs" / "demo" / "checkpoint_2").is_dir()

@@ -79,7 +79,8 @@ def test_gcs_model_dir_keeps_recent_and_best_and_restores(on_gcs):
     model_dir = f"gs://{BUCKET}/run"
     with Checkpointer(model_dir, keep=2, best_metric="acc", async_save=True) as ckpt:
         for step, acc in [(1, 0.9), (2, 0.5), (3, 0.7)]:
-            ckpt.save(step, _state(step), {"step": step}, {"acc": acc}, force=True)
+            ckpt.save(step, _state(step), {"step": step}, force=True)
+            ckpt.save_best(step, _state(step), {"step": step}, {"acc": acc})
     with Checkpointer(model_dir, keep=2, best_metric="acc") as ckpt:
         assert (ckpt.latest_step(), ckpt.best_step()) == (3, 1)
         state, data = ckpt.restore(_abstract(_state(0)))
@@ -101,7 +102,7 @@ jax.config.update("jax_platforms", "cpu")
 sys.path.insert(0, {tests!r})
 from test_checkpoints_at_scale import _state
 from dsbs_jax.checkpoints import Checkpointer
-ckpt = Checkpointer({model_dir!r}, keep_best=False, async_save=True)
+ckpt = Checkpointer({model_dir!r}, async_save=True)
 ckpt.save(1, _state(1, rows={rows}), {{"step": 1}}, force=True)
 ckpt.wait_until_finished()
 ckpt.save(2, _state(2, rows={rows}), {{"step": 2}}, force=True)
@@ -136,14 +137,14 @@ def test_kill_during_async_save_keeps_previous_checkpoint(where, gcs_env, tmp_pa
     started = [p.name for p in epath.Path(model_dir).iterdir() if "checkpoint_2" in p.name]
     assert started, "the save had not started when the process was killed"
 
-    with Checkpointer(model_dir, keep_best=False, async_save=True) as ckpt:
+    with Checkpointer(model_dir, async_save=True) as ckpt:
         assert ckpt.latest_step() == 1
         state, data = ckpt.restore(_abstract(_state(0, ROWS)))
         assert data == {"step": 1}
         np.testing.assert_array_equal(state["w"], _state(1, ROWS)["w"])
         # The run resumes: step 2 is written again, completely this time.
         ckpt.save(2, _state(2, ROWS), {"step": 2}, force=True)
-    with Checkpointer(model_dir, keep_best=False) as ckpt:
+    with Checkpointer(model_dir) as ckpt:
         assert ckpt.latest_step() == 2
         state, _ = ckpt.restore(_abstract(_state(0, ROWS)))
     np.testing.assert_array_equal(state["w"], _state(2, ROWS)["w"])

@@ -122,7 +122,7 @@ def test_two_processes_train_resume_and_match_one(gin_cache_root, tmp_path):
     running = _start(_flags(gin_cache_root, single, 4, 1), 1)
     running += _start(_flags(gin_cache_root, model_dir, 2, 1), 2)
     first = _finish(running)[1:]
-    with Checkpointer(model_dir, keep_best=False) as checkpointer:
+    with Checkpointer(model_dir) as checkpointer:
         assert checkpointer.latest_step() == 2
     resumed = _finish(_start(_flags(gin_cache_root, model_dir, 4, 2), 2))
 

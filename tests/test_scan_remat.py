@@ -30,9 +30,9 @@ from dsbs_jax.checkpoint_import import (
     param_shardings,
     stack_layers,
 )
+from dsbs_jax.model_config import build_model_config, t5_config
 from dsbs_jax.models.t5 import T5, T5Config, get_config
 from dsbs_jax.partitioning import Partitioner
-from dsbs_jax.training import build_model_config, t5_config
 
 # Every model-parallel dimension (vocab 64, heads 4, joined_kv 32, mlp 64, embed 32) divides by 4.
 VOCAB, BATCH, ENC_LEN, DEC_LEN = 64, 8, 12, 10
@@ -176,16 +176,12 @@ def test_gin_sets_scan_and_remat():
     with gin.unlock_config():
         gin.parse_config("t5_config.scan_layers = True\nt5_config.remat_policy = 'minimal'")
     try:
-        config = build_model_config(t5_config(preset="tiny"), vocabulary=_Vocab())
+        config = build_model_config(t5_config(preset="tiny"), VOCAB)
     finally:
         gin.clear_config()
     assert (config.scan_layers, config.remat_policy) == (True, "minimal")
     with pytest.raises(ValueError, match="unknown remat_policy 'some'"):
         get_config("tiny", vocab_size=VOCAB, remat_policy="some")
-
-
-class _Vocab:
-    vocab_size = VOCAB
 
 
 def logits(config: T5Config, params: dict, batch: dict) -> np.ndarray:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsbs_jax import decoding, evaluation, scoring
+from dsbs_jax import decoding, label_prediction, scoring
 from dsbs_jax.data import cache, choices
 from dsbs_jax.models.t5 import T5, get_config
 from dsbs_jax.partitioning import Partitioner
@@ -177,7 +177,7 @@ def test_score_mode_picks_the_argmax_of_independent_scores(tiny):
     inputs, candidates = _inputs(11, seed=4), _candidates(11, seed=5)
     vocabulary = _IdVocabulary()
     texts = [[vocabulary.decode(t[:-1]) for t in c] for c in candidates]
-    picked = evaluation.score_texts(
+    picked = label_prediction.score_texts(
         model, params, Partitioner(devices=jax.devices()[:1]), vocabulary, inputs, texts, 48, 4, 8
     )
     expected = []
@@ -202,11 +202,11 @@ def test_length_sorted_generation_gives_todays_labels(tiny):
     vocabulary = _IdVocabulary()
     vocabulary.eos_id = eos_id
     todays = [
-        evaluation.decode_text(vocabulary, row, eos_id)
+        label_prediction.decode_text(vocabulary, row, eos_id)
         for row in np.asarray(decoding.greedy_decode(model, params, full, steps, eos_id))
     ]
     assert any(len(t.split()) < steps for t in todays)
-    fast = evaluation.decode_batches(
+    fast = label_prediction.decode_batches(
         model,
         params,
         Partitioner(devices=jax.devices()[:1]),
@@ -220,19 +220,21 @@ def test_length_sorted_generation_gives_todays_labels(tiny):
 
 
 def test_padded_lengths_step_by_quarter_octaves_within_the_input_length():
-    lengths = [evaluation.padded_length(n, 512) for n in (1, 32, 33, 100, 300, 511)]
+    lengths = [label_prediction.padded_length(n, 512) for n in (1, 32, 33, 100, 300, 511)]
     assert lengths == [32, 32, 40, 112, 320, 512]
-    grid = sorted({evaluation.padded_length(n, 4096) for n in range(1, 4097)})
+    grid = sorted({label_prediction.padded_length(n, 4096) for n in range(1, 4097)})
     assert grid[:10] == [32, 40, 48, 56, 64, 80, 96, 112, 128, 160]
     assert all(b <= 1.25 * a and b % 8 == 0 for a, b in zip(grid, grid[1:], strict=False))
     inputs = [[5] * 40, [5] * 3, [5] * 20, [5] * 30, [5] * 2]
-    batches = list(evaluation.length_sorted_batches(inputs, 128, 2))
+    batches = list(label_prediction.length_sorted_batches(inputs, 128, 2))
     assert [list(p) for p, _ in batches] == [[4], [1, 2], [3, 0]]  # the partial batch first
     assert [t.shape for _, t in batches] == [(2, 32), (2, 32), (2, 40)]
-    by_size = evaluation.length_sorted_batches(inputs, 128, 2, sizes=[1, 9, 1, 1, 5])
+    by_size = label_prediction.length_sorted_batches(inputs, 128, 2, sizes=[1, 9, 1, 1, 5])
     assert [list(p) for p, _ in by_size] == [[2], [3, 4], [1, 0]]  # by size within 32 tokens
-    fine = evaluation.length_sorted_batches(inputs, 128, 2, row_multiple=1, steps_per_octave=8)
+    fine = label_prediction.length_sorted_batches(
+        inputs, 128, 2, row_multiple=1, steps_per_octave=8
+    )
     assert [t.shape for _, t in fine] == [(1, 32), (2, 32), (2, 40)]  # a one-row partial batch
-    eighths = sorted({evaluation.padded_length(n, 4096, 8) for n in range(1, 4097)})
+    eighths = sorted({label_prediction.padded_length(n, 4096, 8) for n in range(1, 4097)})
     assert eighths[:10] == [32, 36, 40, 44, 48, 52, 56, 60, 64, 72]
     assert all(b <= 1.125 * a and b % 4 == 0 for a, b in zip(eighths, eighths[1:], strict=False))

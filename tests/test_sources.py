@@ -12,6 +12,7 @@ import seqio
 from dsbs_jax import metrics
 from dsbs_jax.data import cache, registration
 from dsbs_jax.data.sources import kept_training_indices, labels_agree
+from dsbs_jax.roles import TaskKind
 
 MAIN, EXTRA = "srctest_main", "srctest_extra"
 LENGTHS = {"inputs": 64, "targets": 64}
@@ -100,9 +101,9 @@ def _pairs(method: str, dataset: str = MAIN) -> list[tuple[dict, dict]]:
     return list(zip(examples[::2], examples[1::2], strict=True))
 
 
-FINETUNE = registration.task_name(MAIN, registration.TaskKind.LABEL_GOLD)
+FINETUNE = registration.task_name(MAIN, TaskKind.LABEL_GOLD)
 DISTILL = registration.distill_task_name(MAIN)
-SINGLE_TASK = registration.task_name(MAIN, registration.TaskKind.RATIONALE_THEN_LABEL)
+SINGLE_TASK = registration.task_name(MAIN, TaskKind.RATIONALE_THEN_LABEL)
 
 
 def test_defaults_keep_one_example_per_input(configure):
@@ -156,7 +157,7 @@ def test_every_rationale_becomes_its_own_pair(configure):
 
 def test_max_rationales_keeps_the_first_ones(configure):
     configure(**{"rationale_selection.max_rationales_per_example": 2})
-    rationale_task = registration.task_name(MAIN, registration.TaskKind.RATIONALE)
+    rationale_task = registration.task_name(MAIN, TaskKind.RATIONALE)
     assert [(ex["id"], ex["rationale"]) for ex in _source_examples(rationale_task)] == [
         ("a#r0", "a zero"),
         ("a#r1", "a one"),
@@ -253,7 +254,7 @@ def test_tfds_builds_give_the_same_examples(configure, cache_root, tmp_path):
         FINETUNE,
         DISTILL,
         SINGLE_TASK,
-        registration.task_name(MAIN, registration.TaskKind.LABEL_GOLD, paired_with_gold=True),
+        registration.task_name(MAIN, TaskKind.LABEL_GOLD, paired_with_gold=True),
     ]
     from_jsonl = {task: _source_examples(task) for task in tasks}
     assert all(from_jsonl.values())

@@ -20,9 +20,9 @@ from flax import traverse_util
 from dsbs_jax import checkpoint_import, convert, t5x_checkpoints
 from dsbs_jax.data import registration
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
-from dsbs_jax.data.preprocessors import TaskRole
 from dsbs_jax.models.t5 import T5, get_config
 from dsbs_jax.partitioning import Partitioner
+from dsbs_jax.roles import TaskRole
 
 VOCAB_SIZE = 40
 

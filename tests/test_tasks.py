@@ -9,7 +9,7 @@ import seqio
 
 from dsbs_jax.data import registration
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
-from dsbs_jax.data.preprocessors import ANSWER_SEPARATOR, TaskRole, label_after_rationale
+from dsbs_jax.roles import ANSWER_SEPARATOR, TaskRole, label_after_rationale
 
 LENGTHS = {"inputs": 96, "targets": 96}
 MIXTURES = [*registration.METHODS, "step_by_step_rates"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def _flags(data_dir: Path, model_dir: Path, *extra: str) -> list[str]:
 
 
 def _final_params(model_dir: Path) -> list[np.ndarray]:
-    with Checkpointer(model_dir, keep_best=False) as ckpt:
+    with Checkpointer(model_dir) as ckpt:
         step = ckpt.latest_step()
         manager_dir = model_dir / f"checkpoint_{step}" / "state"
         import orbax.checkpoint as ocp
@@ -179,7 +180,7 @@ def test_killed_run_resumes_to_the_same_parameters(gin_cache_root, tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    with Checkpointer(killed, keep_best=False) as ckpt:
+    with Checkpointer(killed) as ckpt:
         stopped_at = ckpt.latest_step()
     assert stopped_at is not None and stopped_at < 30
 
@@ -261,7 +262,9 @@ def test_incompatible_checkpoint_is_refused(gin_cache_root, tmp_path, capsys):
     code = main(_flags(gin_cache_root, run_dir, *common, "--gin.t5_config.mlp_dim=96"))
     err = capsys.readouterr().err
     assert code == 2
-    assert f"MODEL_DIR {run_dir} holds an incompatible checkpoint" in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert f"MODEL_DIR {run_dir} holds a model with mlp_dim=64, but the gin config gives " in line
+    assert "mlp_dim=96" in line
 
 
 RUNS_DIR = Path(__file__).parents[1] / "gin_configs" / "runs"
@@ -321,3 +324,98 @@ def test_gin_files_resolve_beside_folders_named_like_theirs(gin_cache_root, tmp_
     monkeypatch.syspath_prepend(str(tmp_path))  # as `python -m` puts the working directory
     parse_gin(["runs/demo.gin"], [], [])
     assert gin.query_parameter("MODEL_DIR/macro.value") == "runs/demo"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_where_it_stopped_and_the_rerun_matches(gin_cache_root, tmp_path):
+    """A preempted VM's SIGTERM at a random moment after step 20: a checkpoint at the step the
+    run reached (not a multiple of the period), exit 143, and the rerun ends bit-identical."""
+    common = (
+        "--gin.TRAIN_STEPS=200",
+        "--gin.EVAL_PERIOD=1000",
+        "--gin.Checkpointer.period=1000",
+        "--gin.train.test_split=None",
+        "--gin.train.log_period=1",
+    )
+    straight = tmp_path / "straight"
+    assert main(_flags(gin_cache_root, straight, *common)) == 0
+
+    preempted = tmp_path / "preempted"
+    command = [sys.executable, "-m", "dsbs_jax.train", *_flags(gin_cache_root, preempted, *common)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=Path.cwd()
+    )
+    metrics = preempted / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and '"step": 20,' in metrics.read_text()):
+        assert process.poll() is None and time.time() < deadline, "the run never reached step 20"
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 0.5))
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 143, err
+    (step,) = [int(p.name.split("_")[1]) for p in preempted.glob("checkpoint_*")]
+    assert 20 <= step < 200
+    assert f"preempted: saved a checkpoint at step {step} in {preempted}" in err
+
+    assert main(_flags(gin_cache_root, preempted, *common)) == 0
+    for a, b in zip(_final_params(preempted), _final_params(straight), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_the_last_checkpoint_does_not_wait_for_the_last_evaluation(
+    gin_cache_root, tmp_path, monkeypatch, capsys
+):
+    """Stopped during its final validation pass, a run has its last checkpoint already; the
+    rerun evaluates that step first, then tests."""
+    from dsbs_jax import checkpoints, evaluation
+
+    model_dir = tmp_path / "run"
+    flags = _flags(gin_cache_root, model_dir, "--gin.TRAIN_STEPS=3", "--gin.EVAL_PERIOD=1000")
+
+    def interrupted(self, params, split):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation.SplitEvaluator, "__call__", interrupted)
+        assert main(flags) == 130
+    assert checkpoints.read_data(model_dir / "checkpoint_3")["pending_eval"] is True
+    assert not (model_dir / "best").exists() or not any((model_dir / "best").iterdir())
+    capsys.readouterr()
+    assert main(flags) == 0
+    out = capsys.readouterr()
+    assert "validation at step 3:" in out.out + out.err
+    assert "already trained to step 3" in out.err
+    assert (model_dir / "best" / "checkpoint_3").is_dir()
+    assert json.loads((model_dir / "test_results.json").read_text())["step"] == 3
+
+
+@pytest.mark.slow
+def test_a_refused_configuration_writes_nothing(gin_cache_root, tmp_path):
+    """A setting refused after start-up: one line, exit 2, no traceback from any thread, and
+    MODEL_DIR untouched."""
+    model_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "dsbs_jax.train",
+        *_flags(gin_cache_root, model_dir, "--gin.Partitioner.num_partitions=3"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "num_partitions=3 must be a positive divisor of the number of devices (8)" in line
+    assert not model_dir.exists()
+
+
+def test_check_prints_what_would_run_and_writes_nothing(gin_cache_root, tmp_path, capsys):
+    model_dir = tmp_path / "run"
+    assert main([*_flags(gin_cache_root, model_dir, "--gin.TRAIN_STEPS=7"), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "check: the run is ready" in out
+    assert "steps       7, evaluation every" in out
+    assert f"MODEL_DIR   {model_dir}: a new run" in out
+    assert "mesh        {'data': 8, 'model': 1} over 8 cpu device(s)" in out
+    assert not model_dir.exists()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dsbs_jax.data import cache, prepare
 from dsbs_jax.data.official import DATASETS
+from dsbs_jax.errors import MissingFileError, UserError
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -46,7 +47,7 @@ def _vocab(args: argparse.Namespace) -> None:
     from dsbs_jax.data import vocab
 
     if not cache.available_splits(args.cache):
-        raise FileNotFoundError(f"no <split>.jsonl teacher cache files in {args.cache}")
+        raise MissingFileError(f"no <split>.jsonl teacher cache files in {args.cache}")
     print(f"wrote {vocab.train_vocab_for_cache(args.cache, vocab_size=args.vocab_size)}")
 
 
@@ -54,7 +55,7 @@ def _tfds(args: argparse.Namespace) -> None:
     from dsbs_jax.data import tfds_cache
 
     if not cache.available_splits(args.cache):
-        raise FileNotFoundError(f"no <split>.jsonl teacher cache files in {args.cache}")
+        raise MissingFileError(f"no <split>.jsonl teacher cache files in {args.cache}")
     name = tfds_cache.build_tfds(args.cache, args.name, args.data_dir, num_shards=args.num_shards)
     print(f"built {name} in {args.data_dir}")
 
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as e:  # OfficialDataError, CacheFormatError too
+    except UserError as e:  # OfficialDataError, CacheFormatError too
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -22,13 +22,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from dsbs_jax.errors import MissingFileError, UserError
+
 SPLITS = ("train", "valid", "test")
 # SeqIO and TFDS split names (what t5x's run files ask for) -> the cache file holding each.
 TASK_SPLITS = {"train": "train", "validation": "valid", "test": "test"}
 REQUIRED_FIELDS = ("id", "input", "label", "teacher_label", "rationales", "teacher", "parse_ok")
 
 
-class CacheFormatError(ValueError):
+class CacheFormatError(UserError):
     """A cache file that does not follow the canonical format; the message names file and line."""
 
 
@@ -118,7 +120,7 @@ def iter_json_lines(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no {what} at {path}")
+        raise MissingFileError(f"no {what} at {path}")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():

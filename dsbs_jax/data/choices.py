@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from dsbs_jax.data import cache, sources
 from dsbs_jax.data.official import NLI_LABELS
+from dsbs_jax.errors import UserError
 
 # Input lines "(a) wooded area" after the "Answer Choices:" line (see official._cqa_example).
 _LETTERED_CHOICE = re.compile(r"^\([a-z]\) (.*)$")
@@ -57,7 +58,7 @@ def candidates_of(
     for example_id, text, cached in inputs:
         labels = candidates(dataset, text, cached)
         if not labels:
-            raise ValueError(
+            raise UserError(
                 f"score mode: input {example_id!r} of {dataset} has no candidate labels; give "
                 "it a 'choices' list, or use label_evaluation.modes=['generate']"
             )

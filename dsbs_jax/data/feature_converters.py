@@ -17,7 +17,8 @@ import seqio
 import tensorflow as tf
 
 from dsbs_jax.data import packing
-from dsbs_jax.data.preprocessors import TASK_ROLE, TaskRole
+from dsbs_jax.errors import UserError
+from dsbs_jax.roles import TASK_ROLE, TaskRole
 
 ROLE_TOKENS = "targets_task_role"
 
@@ -28,7 +29,7 @@ def step_by_step_loss_weights(alpha: float | None = 0.5) -> dict[int, float]:
     if alpha is None:
         return {int(TaskRole.LABEL): 1.0, int(TaskRole.RATIONALE): 1.0}
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise UserError(f"alpha must be in [0, 1], got {alpha}")
     return {int(TaskRole.LABEL): float(alpha), int(TaskRole.RATIONALE): 1.0 - float(alpha)}
 
 
@@ -67,7 +68,7 @@ class StepByStepFeatureConverter(seqio.EncDecFeatureConverter):
         weights = dict(step_by_step_loss_weights() if loss_weights is None else loss_weights)
         unknown = set(weights) - {int(r) for r in TaskRole}
         if unknown:
-            raise ValueError(f"loss weights for unknown task roles {sorted(unknown)}")
+            raise UserError(f"loss weights for unknown task roles {sorted(unknown)}")
         self._weight_table = tf.constant(
             [0.0] + [float(weights.get(int(r), 1.0)) for r in TaskRole], tf.float32
         )

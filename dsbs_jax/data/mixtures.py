@@ -24,7 +24,8 @@ import gin
 import seqio
 import tensorflow as tf
 
-from dsbs_jax.data.preprocessors import TASK_ROLE, TaskRole
+from dsbs_jax.errors import UserError
+from dsbs_jax.roles import TASK_ROLE, TaskRole
 
 PAIR_SHUFFLE_BUFFER = 10_000
 
@@ -34,7 +35,7 @@ def step_by_step_rate(task: seqio.Task, role: TaskRole, alpha: float = 0.5) -> f
     """The rate-based mixture's rate for a task of `role`: alpha or 1 - alpha (gin: ALPHA)."""
     del task
     if not 0.0 < alpha < 1.0:
-        raise ValueError(f"mixture rates need 0 < alpha < 1, got {alpha}")
+        raise UserError(f"mixture rates need 0 < alpha < 1, got {alpha}")
     return alpha if role is TaskRole.LABEL else 1.0 - alpha
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dsbs_jax.data import parsing
 from dsbs_jax.data.cache import TeacherRecord, iter_json_lines
+from dsbs_jax.errors import UserError
 
 NLI_LABELS = {"0": "entailment", "1": "neutral", "2": "contradiction"}
 # The official code joins premise and hypothesis with the T5 tokenizer's EOS text.
@@ -26,7 +27,7 @@ NLI_SEPARATOR = "</s>"
 TEACHER = "palm-540b"
 
 
-class OfficialDataError(ValueError):
+class OfficialDataError(UserError):
     """The official archive is missing or malformed; the message names the path."""
 
 

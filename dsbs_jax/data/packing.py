@@ -20,6 +20,8 @@ from collections.abc import Mapping
 
 import tensorflow as tf
 
+from dsbs_jax.errors import UserError
+
 DEFAULT_WINDOW = 1024
 
 
@@ -32,7 +34,7 @@ def first_fit_pack_dataset(
     dropped, token 0 is padding, and every packed feature is int32.
     """
     if window < 1:
-        raise ValueError(f"the packing window must hold at least one example, got {window}")
+        raise UserError(f"the packing window must hold at least one example, got {window}")
     for k in feature_lengths:
         if k not in dataset.element_spec:
             raise ValueError(

@@ -8,42 +8,9 @@ features are only `inputs` and `targets`, as t5x and seqio.Evaluator expect.
 
 from __future__ import annotations
 
-import enum
-
 import tensorflow as tf
 
-PREDICT_PREFIX = "predict: "
-EXPLAIN_PREFIX = "explain: "
-# Joins rationale and label in the single-task baseline's target.
-ANSWER_SEPARATOR = " So the answer is "
-
-
-class TaskRole(enum.IntEnum):
-    """What a task's targets are; 0 is left for padding in the per-token ids."""
-
-    LABEL = 1
-    RATIONALE = 2
-
-
-class TaskKind(enum.Enum):
-    """The four tasks built from one teacher cache: (input prefix, target, role)."""
-
-    LABEL_GOLD = "label_gt"
-    LABEL_TEACHER = "label_llm"
-    RATIONALE = "rationale"
-    RATIONALE_THEN_LABEL = "rationale_label"
-
-    @property
-    def role(self) -> TaskRole:
-        return TaskRole.RATIONALE if self is TaskKind.RATIONALE else TaskRole.LABEL
-
-    @property
-    def prefix(self) -> str:
-        return EXPLAIN_PREFIX if self is TaskKind.RATIONALE else PREDICT_PREFIX
-
-
-# The example key holding the TaskRole: an int32 scalar, not an output feature (see mixtures).
-TASK_ROLE = "task_role"
+from dsbs_jax.roles import ANSWER_SEPARATOR, TASK_ROLE, TaskKind
 
 
 def _targets(kind: TaskKind, ex: dict[str, tf.Tensor]) -> tf.Tensor:
@@ -68,10 +35,3 @@ def format_task(dataset: tf.data.Dataset, kind: TaskKind) -> tf.data.Dataset:
         }
 
     return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def label_after_rationale(output: str, example: dict | None = None, is_target: bool = False) -> str:
-    """Single-task postprocessor: the label is what follows the last answer separator."""
-    del example, is_target
-    marker = ANSWER_SEPARATOR.strip()
-    return output.rsplit(marker, 1)[1].strip() if marker in output else output.strip()

@@ -40,14 +40,11 @@ import seqio
 from dsbs_jax import metrics
 from dsbs_jax.data import cache
 from dsbs_jax.data.mixtures import PairedMixture, RoleMixture, step_by_step_rate
-from dsbs_jax.data.preprocessors import (
-    TaskKind,
-    TaskRole,
-    format_task,
-    label_after_rationale,
-)
+from dsbs_jax.data.preprocessors import format_task
 from dsbs_jax.data.sources import GOLD, GOLD_AND_TEACHER, TEACHER, TeacherCacheSource
 from dsbs_jax.data.vocabularies import GinSentencePieceVocabulary
+from dsbs_jax.errors import UserError
+from dsbs_jax.roles import TaskKind, TaskRole, label_after_rationale
 
 METRICS: dict[str, Callable] = {
     "accuracy": metrics.accuracy,
@@ -114,7 +111,7 @@ def register_dataset(
 ) -> None:
     """Registers every task and mixture of `dataset`; safe to call again (replaces them)."""
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+        raise UserError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
     # (name, kind, audience, one example per kept rationale on train)
     tasks = [
         (task_name(dataset, TaskKind.LABEL_GOLD), TaskKind.LABEL_GOLD, GOLD, False),

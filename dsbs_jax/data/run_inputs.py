@@ -23,6 +23,7 @@ from dsbs_jax.data.sources import (
     teacher_cache_tfds_dir,
 )
 from dsbs_jax.data.vocabularies import vocabulary_file
+from dsbs_jax.errors import UserError
 
 
 def cache_dirs(mixture_or_task_name: str) -> set[Path]:
@@ -32,19 +33,23 @@ def cache_dirs(mixture_or_task_name: str) -> set[Path]:
     return {t.source.dataset_dir for t in tasks if isinstance(t.source, TeacherCacheSource)}
 
 
-def ensure_run_inputs(mixture_or_task_name: str, split: str = "train") -> None:
+def ensure_run_inputs(mixture_or_task_name: str, split: str | None = "train") -> None:
     """Writes the built-in dataset if the run needs it, then checks the caches and vocabulary.
 
-    Raises FileNotFoundError naming a missing file and the command that makes it. Only a
-    single-process run writes the built-in dataset: on a pod every host would race for the
-    same files, so there a missing file stays an error.
+    Raises a UserError naming an unknown mixture, or a missing file and the command that makes
+    it. Only a single-process run writes the built-in dataset: on a pod every host would race
+    for the same files, so there a missing file stays an error.
     """
+    try:
+        seqio.get_mixture_or_task(mixture_or_task_name)
+    except ValueError as e:  # seqio's "No Task or Mixture found with name ..."
+        raise UserError(f"{e}; is MIXTURE_OR_TASK_NAME spelt right?") from None
     folders = cache_dirs(mixture_or_task_name)
     if teacher_cache_tfds_dir() is None:
         builtin = teacher_cache_root() / synthetic.DATASET_NAME
         if builtin in folders and jax.process_count() == 1:
             _write_builtin_if_missing(builtin)
-        for folder in sorted(folders):
+        for folder in sorted(folders) if split else ():
             require_split_file(folder, split)
     vocabulary = seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"]
     vocabulary.vocabulary.vocab_size  # noqa: B018  (loads it: a missing file raises here)

@@ -22,6 +22,7 @@ import tensorflow as tf
 from dsbs_jax import metrics
 from dsbs_jax.data import cache
 from dsbs_jax.data.splits import subsample
+from dsbs_jax.errors import MissingFileError, UserError
 
 DEFAULT_DATA_DIR = "~/.cache/dsbs_jax"
 
@@ -76,7 +77,7 @@ def rationale_selection(
     dropped. Valid and test are never affected.
     """
     if max_rationales_per_example is not None and max_rationales_per_example < 1:
-        raise ValueError(
+        raise UserError(
             f"max_rationales_per_example must be None or >= 1, got {max_rationales_per_example}"
         )
     return RationaleSelection(max_rationales_per_example, require_correct_teacher_label)
@@ -91,7 +92,7 @@ def unlabeled_augmentation(datasets: Sequence[str] = ()) -> tuple[str, ...]:
     `<dataset>/<id>`, and TRAIN_FRACTION does not subsample them.
     """
     if isinstance(datasets, str):
-        raise ValueError(f"unlabeled_augmentation.datasets must be a list, got {datasets!r}")
+        raise UserError(f"unlabeled_augmentation.datasets must be a list, got {datasets!r}")
     return tuple(datasets)
 
 
@@ -115,7 +116,7 @@ def require_split_file(dataset_dir: Path, split: str) -> Path:
     """The cache file of `split`; FileNotFoundError naming it and the command that writes it."""
     path = cache.split_path(dataset_dir, split)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no teacher cache for split '{split}' at {path}; create it with "
             "`python -m dsbs_jax.data prepare ...` (or `... synthetic`), or point DATA_DIR "
             "(gin) or $DSBS_DATA_DIR at the right directory"
@@ -282,7 +283,7 @@ class TeacherCacheSource(seqio.DataSource):
         metric_fn: Callable[..., Mapping[str, float]] = metrics.accuracy,
     ) -> None:
         if audience not in AUDIENCES:
-            raise ValueError(f"audience must be one of {AUDIENCES}, got {audience!r}")
+            raise UserError(f"audience must be one of {AUDIENCES}, got {audience!r}")
         self._dataset = dataset
         self._audience = audience
         self._per_rationale = per_rationale
@@ -344,10 +345,10 @@ class TeacherCacheSource(seqio.DataSource):
         read = []
         for dataset in unlabeled_augmentation():
             if dataset == self._dataset:
-                raise ValueError(f"unlabeled_augmentation.datasets repeats {dataset!r} itself")
+                raise UserError(f"unlabeled_augmentation.datasets repeats {dataset!r} itself")
             dataset_dir = teacher_cache_root() / dataset
             if teacher_cache_tfds_dir() is None and not dataset_dir.is_dir():
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"unlabeled_augmentation.datasets names {dataset!r}, but there is no "
                     f"teacher cache directory {dataset_dir}"
                 )

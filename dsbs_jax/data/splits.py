@@ -15,6 +15,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from dsbs_jax.errors import UserError
+
 T = TypeVar("T")
 
 VALID_FRACTION = 0.1
@@ -30,7 +32,7 @@ def split_off_validation(
 ) -> tuple[list[T], list[T]]:
     """Returns (train, valid) with ceil(fraction * n) examples held out for validation."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+        raise UserError(f"validation fraction must be in (0, 1), got {fraction}")
     order = _permutation(len(examples), seed)
     n_valid = math.ceil(fraction * len(examples))
     train = [examples[i] for i in order[n_valid:]]
@@ -45,7 +47,7 @@ def subsample(examples: Sequence[T], fraction: float, seed: int = 0) -> list[T]:
     at 50%, so curves over fractions compare like with like.
     """
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"training fraction must be in (0, 1], got {fraction}")
+        raise UserError(f"training fraction must be in (0, 1], got {fraction}")
     if fraction == 1.0:
         return list(examples)
     order = _permutation(len(examples), seed)

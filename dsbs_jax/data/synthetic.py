@@ -36,6 +36,7 @@ from typing import TypeVar
 import numpy as np
 
 from dsbs_jax.data import cache
+from dsbs_jax.errors import UserError
 
 MAX_VALUE = 99
 DATASET_NAME = "synthetic"  # its cache is <teacher_cache_root>/synthetic/
@@ -94,13 +95,13 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         for name in ("num_train", "num_valid", "num_test", "seed"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+                raise UserError(f"{name} must be non-negative, got {getattr(self, name)}")
         if not 0.0 <= self.teacher_error_rate <= 1.0:
-            raise ValueError(f"teacher_error_rate must be in [0, 1], got {self.teacher_error_rate}")
+            raise UserError(f"teacher_error_rate must be in [0, 1], got {self.teacher_error_rate}")
         if self.max_steps < 2:
-            raise ValueError(f"max_steps must be at least 2, got {self.max_steps}")
+            raise UserError(f"max_steps must be at least 2, got {self.max_steps}")
         if not 2 <= self.max_number <= MAX_VALUE:
-            raise ValueError(f"max_number must be in [2, {MAX_VALUE}], got {self.max_number}")
+            raise UserError(f"max_number must be in [2, {MAX_VALUE}], got {self.max_number}")
 
     def count(self, split: str) -> int:
         """How many examples `split` gets."""
@@ -278,7 +279,7 @@ def _generate_split(
     draws = 0
     while len(records) < wanted:
         if draws == max_draws:
-            raise ValueError(
+            raise UserError(
                 f"found only {len(records)} distinct {split} problems of {wanted} wanted;"
                 " raise max_number or max_steps, or ask for fewer examples"
             )

@@ -28,6 +28,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from dsbs_jax.data import cache
+from dsbs_jax.errors import MissingFileError, UserError
 
 _VALID_NAME = re.compile(r"[\w+.-]+")  # what TFDS accepts as a config name
 
@@ -77,7 +78,7 @@ class TeacherCache(tfds.core.GeneratorBasedBuilder):
         cache_dir = self.builder_config.cache_dir
         splits = cache.available_splits(cache_dir)
         if not splits:
-            raise FileNotFoundError(f"no <split>.jsonl files in teacher cache {cache_dir}")
+            raise MissingFileError(f"no <split>.jsonl files in teacher cache {cache_dir}")
         return {s: self._generate_examples(cache.split_path(cache_dir, s)) for s in splits}
 
     def _generate_examples(self, path: Path) -> Iterator[tuple[int, dict]]:
@@ -110,9 +111,9 @@ def build_tfds(
     through SeqIO keeps its memoized builder, so read a rebuilt dataset anew.
     """
     if not _VALID_NAME.fullmatch(name):
-        raise ValueError(f"dataset name {name!r} must match {_VALID_NAME.pattern}")
+        raise UserError(f"dataset name {name!r} must match {_VALID_NAME.pattern}")
     if num_shards is not None and num_shards < 1:
-        raise ValueError(f"num_shards must be positive, got {num_shards}")
+        raise UserError(f"num_shards must be positive, got {num_shards}")
     cache_dir = Path(cache_dir).expanduser().resolve()
     config = TeacherCacheConfig(
         name=name, cache_dir=str(cache_dir), description=f"Teacher cache read from {cache_dir}"

@@ -22,11 +22,13 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from dsbs_jax.data import cache
+from dsbs_jax.errors import MissingFileError, UserError
+from dsbs_jax.roles import EXPLAIN_PREFIX, PREDICT_PREFIX
 
 logger = logging.getLogger(__name__)
 
 VOCAB_FILENAME = "spm.model"
-TASK_PREFIXES = ("predict: ", "explain: ")
+TASK_PREFIXES = (PREDICT_PREFIX, EXPLAIN_PREFIX)
 _SEED = 0
 _MAX_PIECE_LENGTH = 16
 _WORD_START = "\u2581"  # how SentencePiece marks the whitespace before a word
@@ -98,7 +100,7 @@ def train_sentencepiece(
     """
     corpus = [t for t in texts if t]
     if not corpus:
-        raise ValueError("cannot train a SentencePiece model on an empty corpus")
+        raise UserError("cannot train a SentencePiece model on an empty corpus")
     target = Path(model_prefix)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -136,7 +138,7 @@ def cache_texts(cache_dir: str | os.PathLike) -> Iterator[str]:
     """
     splits = cache.available_splits(cache_dir)
     if not splits:
-        raise FileNotFoundError(f"no split files ({', '.join(cache.SPLITS)}) in {cache_dir}")
+        raise MissingFileError(f"no split files ({', '.join(cache.SPLITS)}) in {cache_dir}")
     for split in splits:
         for record in cache.iter_records(cache.split_path(cache_dir, split)):
             yield record.input

@@ -18,6 +18,7 @@ import seqio
 from dsbs_jax.data.sources import teacher_cache_root
 from dsbs_jax.data.synthetic import DATASET_NAME as BUILTIN_DATASET
 from dsbs_jax.data.vocab import VOCAB_FILENAME
+from dsbs_jax.errors import MissingFileError
 
 
 @gin.configurable
@@ -46,7 +47,7 @@ class GinSentencePieceVocabulary(seqio.SentencePieceVocabulary):
         path, extra_ids = vocabulary_file()
         if (path, extra_ids) != (self._sentencepiece_model_file, self._extra_ids):
             if "://" not in path and not os.path.isfile(path):
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"no SentencePiece vocabulary at {path}; write it with `python -m "
                     "dsbs_jax.data vocab --cache <DATA_DIR>/<dataset>` (`python -m dsbs_jax.data "
                     "synthetic --out <DATA_DIR>` for the built-in one) or set VOCABULARY_PATH"

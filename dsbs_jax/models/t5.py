@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsbs_jax.errors import UserError
 from dsbs_jax.models import mixed_precision
 
 Array = jax.Array
@@ -77,7 +78,7 @@ class T5Config:
 
     def __post_init__(self) -> None:
         if self.remat_policy not in ("none", *REMAT_POLICIES):
-            raise ValueError(
+            raise UserError(
                 f"unknown remat_policy {self.remat_policy!r}; choose from "
                 f"{['none', *REMAT_POLICIES]}"
             )
@@ -137,7 +138,7 @@ def get_config(name: str, **overrides: Any) -> T5Config:
     variant is `mlp_activations=("relu",), logits_via_embedding=True`.
     """
     if name not in PRESETS:
-        raise ValueError(f"unknown T5 preset {name!r}; choose from {sorted(PRESETS)}")
+        raise UserError(f"unknown T5 preset {name!r}; choose from {sorted(PRESETS)}")
     return T5Config(**{**PRESETS[name], **overrides})
 
 
@@ -819,3 +820,22 @@ class T5(nn.Module):
             decode,
             max_decode_length,
         )
+
+
+def abstract_params(config: T5Config, boxed: bool = True) -> Any:
+    """The model's parameters as ShapeDtypeStructs, allocating nothing (the tree `init` makes):
+    boxed with their logical axis names, or plain (unboxed without sharding constraints, so
+    also inside `Partitioner.activation_rules`)."""
+    tokens = jnp.ones((1, 1), jnp.int32)
+
+    def init(rng: jax.Array) -> Any:
+        return T5(config).init(rng, tokens, tokens, enable_dropout=False)["params"]
+
+    params = jax.eval_shape(init, jax.random.key(0))
+    if boxed:
+        return params
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False),
+        params,
+        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+    )
