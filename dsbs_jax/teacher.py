@@ -29,7 +29,6 @@ written anywhere.
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import fcntl
 import http.client
@@ -62,7 +61,7 @@ from dsbs_jax.data.cache import (
     split_path,
 )
 from dsbs_jax.data.official import DATASETS, NLI_SEPARATOR
-from dsbs_jax.metrics import evaluate_equation
+from dsbs_jax.data.records import make_record
 
 SHIPPED_PROMPTS = ("cqa", "svamp", "esnli", "anli1")
 PLACEHOLDER = re.compile(r"\{(input|premise|hypothesis)\}")
@@ -130,49 +129,6 @@ def resolve_parser(name: str | None, prompt: str) -> parsing.Parser:
     if name not in DATASETS:
         raise TeacherError(f"cannot tell the parser from prompt {prompt}; pass --parser")
     return DATASETS[name].parser
-
-
-# --- the teacher's answers as a cache record ------------------------------------------------
-
-
-def _equation_value(label: str) -> object:
-    """Equations vote by value, so "(8-3)" and "(8 - 3)" agree; malformed ones by their text."""
-    value = evaluate_equation(label)
-    return label if value is None else round(value, 6)
-
-
-# How labels are compared in the vote, by parser; exact text for the rest.
-VOTE_KEYS: dict[parsing.Parser, Callable[[str], object]] = {parsing.parse_equation: _equation_value}
-
-
-def majority_label(labels: Sequence[str], key: Callable[[str], object] = str) -> str:
-    """The first label of the most frequent group (labels equal under `key`).
-
-    A tie goes to the group seen first; '' when there are no labels.
-    """
-    groups = collections.Counter(key(label) for label in labels)
-    if not groups:
-        return ""
-    best = max(groups, key=groups.__getitem__)
-    return next(label for label in labels if key(label) == best)
-
-
-def make_record(
-    example: Example, texts: Sequence[str], parser: parsing.Parser, teacher: str
-) -> TeacherRecord:
-    """One record from all samples: rationales of those that parsed, their majority label."""
-    parsed = [parser(text) for text in texts]
-    good = [p for p in parsed if p.ok]
-    return TeacherRecord(
-        id=example.id,
-        input=example.input,
-        label=example.label,
-        teacher_label=majority_label([p.label for p in good], VOTE_KEYS.get(parser, str)),
-        rationales=tuple(p.rationale for p in good),
-        teacher=teacher,
-        parse_ok=bool(good),
-        parse_status=parsing.OK if good else parsed[0].status,
-    )
 
 
 # --- HTTP: one request, rate limit, retries -------------------------------------------------

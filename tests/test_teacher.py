@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dsbs_jax import teacher
-from dsbs_jax.data import cache, parsing
+from dsbs_jax.data import cache, parsing, records
 from dsbs_jax.data.official import DATASETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,9 +164,11 @@ def cached(tmp_path: Path) -> dict[str, cache.TeacherRecord]:
 
 
 def test_one_parsed_record_per_example(tmp_path, serve, capsys):
+    no_marker = "Beavers like water, I think.\n\nQ: Next?"
+
     def script(question: str, attempt: int) -> Reply:
         if question == "question 4":
-            return Reply(["Beavers like water, I think.\n\nQ: Next?"])
+            return Reply([no_marker])
         return Reply([cqa_answer(question)])
 
     server = serve(script)
@@ -183,7 +185,13 @@ def test_one_parsed_record_per_example(tmp_path, serve, capsys):
     )
     assert (r.input, r.label) == ("question 2", "wooded area")
     bad = records["q4"]
-    assert (bad.parse_ok, bad.parse_status, bad.rationales) == (False, "no_answer_marker", ())
+    # What the parser read, as `data prepare` keeps it: the whole text, without a label.
+    assert (bad.parse_ok, bad.parse_status, bad.rationales, bad.teacher_label) == (
+        False,
+        "no_answer_marker",
+        (no_marker,),
+        "",
+    )
     assert len(server.requests) == 5
     request = server.requests[0]
     assert request["path"] == "/v1/completions"
@@ -217,18 +225,26 @@ def test_samples_give_rationales_and_majority_label_over_chat(tmp_path, serve):
     assert body["messages"][0]["content"].endswith(f"Q: {question_of(body)}\nA:")
 
 
-def test_majority_ties_go_to_the_first_and_nothing_parsed_keeps_first_status():
+def test_majority_ties_go_to_the_first_and_nothing_parsed_keeps_what_was_read():
     example = teacher.Example("x", "question", "")
     parse = DATASETS["cqa"].parser
-    tie = teacher.make_record(example, [cqa_answer("a", "b", "river"), cqa_answer("a")], parse, "m")
+    tie = records.make_record(example, [cqa_answer("a", "b", "river"), cqa_answer("a")], parse, "m")
     assert tie.teacher_label == "river"
     hedge = "So the answer is (a) x or (b) y."
-    none = teacher.make_record(example, ["no marker", hedge], parse, "m")
+    none = records.make_record(example, ["no marker", hedge], parse, "m")
     assert (none.parse_ok, none.parse_status, none.rationales, none.teacher_label) == (
         False,
         parsing.NO_ANSWER_MARKER,
-        (),
-        "",
+        ("no marker",),
+        "x",
+    )
+    hedged = "Clubs and gyms have courts. So the answer is (c) club or (d) gym."
+    one = records.make_record(example, [hedged], parse, "m")
+    assert (one.parse_ok, one.parse_status, one.rationales, one.teacher_label) == (
+        False,
+        parsing.MULTIPLE_ANSWERS,
+        ("Clubs and gyms have courts.",),
+        "club",
     )
 
 
@@ -459,7 +475,7 @@ def test_equation_samples_vote_by_value():
         "He has 2 + 2 = 4. The answer is (2+2).",
         "He has 8 minus 3. The answer is (8 - (3)).",
     ]
-    record = teacher.make_record(example, texts, parsing.parse_equation, "m")
+    record = records.make_record(example, texts, parsing.parse_equation, "m")
     assert record.teacher_label == "(8-3)"
     assert len(record.rationales) == 5
-    assert teacher.majority_label(["(2+2)", "(1+3)", "(5)"], str) == "(2+2)"
+    assert records.majority_label(["(2+2)", "(1+3)", "(5)"], str) == "(2+2)"
