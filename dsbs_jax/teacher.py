@@ -20,17 +20,23 @@ used instead. Trailing newlines are dropped, so the prompt ends where the answer
 starts. `--prompt cqa` (or svamp, esnli, anli1) names a prompt shipped in
 `dsbs_jax/prompts/`.
 
+A reply without usable text (not JSON, or JSON of another shape) is retried like
+a 5xx. A connection that cannot be made (refused, unknown host, no route) is
+retried too once the server has answered, but stops the run while it never has.
+
 Exit status: 0 when every example is cached, 1 when some failed (rerun to retry
-them), 2 for bad input or a request the server refuses outright (401, 403,
-404), 130 when interrupted. The API key is read from the environment and never
-written anywhere.
+them), 2 for bad input, a request the server refuses outright (401, 403, 404)
+or a server the first 3 connections could not reach, 130 when interrupted. The
+API key is read from the variable --api-key-env names, stripped of surrounding
+whitespace; one an HTTP header cannot carry is refused before any request, and
+no message shows any of it.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
+import errno
 import fcntl
 import http.client
 import json
@@ -38,6 +44,7 @@ import math
 import os
 import random
 import re
+import socket
 import sys
 import threading
 import time
@@ -62,32 +69,52 @@ from dsbs_jax.data.cache import (
     split_path,
 )
 from dsbs_jax.data.official import DATASETS, NLI_SEPARATOR
-from dsbs_jax.metrics import evaluate_equation
+from dsbs_jax.data.records import make_record
+from dsbs_jax.errors import UserError
 
 SHIPPED_PROMPTS = ("cqa", "svamp", "esnli", "anli1")
 PLACEHOLDER = re.compile(r"\{(input|premise|hypothesis)\}")
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 FATAL_STATUS = frozenset({401, 403, 404})  # wrong key, endpoint or model: no example can succeed
+KEY_REFUSED_STATUS = frozenset({401, 403})
+# Connection failures before the server has answered once that mean it is not there at all.
+UNREACHABLE_AFTER = 3
+NO_CONNECTION_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
+# Runs of this many of the key's characters are hidden in messages (servers echo a key's tail).
+REDACT_MIN_CHARS = 4
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError):
     """Bad input to the teacher stage (prompt, parser, options, busy cache); says which."""
 
 
 class RequestError(Exception):
-    """One request that did not give usable completions; `retryable` says whether to try again."""
+    """One request that did not give usable completions; `retryable` says whether to try again,
+    `status` is the HTTP status of the answer, if there was one."""
 
-    def __init__(self, message: str, retryable: bool = True, retry_after: float | None = None):
+    def __init__(
+        self,
+        message: str,
+        retryable: bool = True,
+        retry_after: float | None = None,
+        status: int | None = None,
+    ):
         super().__init__(message)
         self.retryable = retryable
         self.retry_after = retry_after
+        self.status = status
+
+
+class ConnectError(RequestError):
+    """No connection was made (refused, unknown host, no route); `RequestError` otherwise."""
 
 
 class FatalRequestError(RequestError):
-    """A refusal that every other request would get too (401, 403, 404): the run stops."""
+    """A failure every other request would meet too (401, 403, 404, a server never reached):
+    the run stops."""
 
-    def __init__(self, message: str):
-        super().__init__(message, retryable=False)
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message, retryable=False, status=status)
 
 
 # --- inputs and prompts ---------------------------------------------------------------------
@@ -132,49 +159,6 @@ def resolve_parser(name: str | None, prompt: str) -> parsing.Parser:
     return DATASETS[name].parser
 
 
-# --- the teacher's answers as a cache record ------------------------------------------------
-
-
-def _equation_value(label: str) -> object:
-    """Equations vote by value, so "(8-3)" and "(8 - 3)" agree; malformed ones by their text."""
-    value = evaluate_equation(label)
-    return label if value is None else round(value, 6)
-
-
-# How labels are compared in the vote, by parser; exact text for the rest.
-VOTE_KEYS: dict[parsing.Parser, Callable[[str], object]] = {parsing.parse_equation: _equation_value}
-
-
-def majority_label(labels: Sequence[str], key: Callable[[str], object] = str) -> str:
-    """The first label of the most frequent group (labels equal under `key`).
-
-    A tie goes to the group seen first; '' when there are no labels.
-    """
-    groups = collections.Counter(key(label) for label in labels)
-    if not groups:
-        return ""
-    best = max(groups, key=groups.__getitem__)
-    return next(label for label in labels if key(label) == best)
-
-
-def make_record(
-    example: Example, texts: Sequence[str], parser: parsing.Parser, teacher: str
-) -> TeacherRecord:
-    """One record from all samples: rationales of those that parsed, their majority label."""
-    parsed = [parser(text) for text in texts]
-    good = [p for p in parsed if p.ok]
-    return TeacherRecord(
-        id=example.id,
-        input=example.input,
-        label=example.label,
-        teacher_label=majority_label([p.label for p in good], VOTE_KEYS.get(parser, str)),
-        rationales=tuple(p.rationale for p in good),
-        teacher=teacher,
-        parse_ok=bool(good),
-        parse_status=parsing.OK if good else parsed[0].status,
-    )
-
-
 # --- HTTP: one request, rate limit, retries -------------------------------------------------
 
 
@@ -202,7 +186,21 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def _redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
+    """`text` with every run of REDACT_MIN_CHARS or more characters of `secret` as ***."""
+    if not secret:
+        return text
+    kept, start = [], 0
+    while start < len(text):
+        end = start
+        while end < len(text) and text[start : end + 1] in secret:
+            end += 1
+        if end - start >= REDACT_MIN_CHARS:
+            kept.append("***")
+            start = end
+        else:
+            kept.append(text[start])
+            start += 1
+    return "".join(kept)
 
 
 def _http_error(error: urllib.error.HTTPError, url: str, api_key: str | None) -> RequestError:
@@ -214,9 +212,10 @@ def _http_error(error: urllib.error.HTTPError, url: str, api_key: str | None) ->
         error.close()
     message = _redact(f"HTTP {error.code} from {url}: {body}".rstrip(": "), api_key)
     if error.code in FATAL_STATUS:
-        return FatalRequestError(message)
+        return FatalRequestError(message, error.code)
     retryable = error.code in RETRYABLE_STATUS or error.code >= 500
-    return RequestError(message, retryable, parse_retry_after(error.headers.get("Retry-After")))
+    retry_after = parse_retry_after(error.headers.get("Retry-After"))
+    return RequestError(message, retryable, retry_after, error.code)
 
 
 def post_json(url: str, body: dict, api_key: str | None, timeout: float) -> object:
@@ -232,11 +231,31 @@ def post_json(url: str, body: dict, api_key: str | None, timeout: float) -> obje
         raise _http_error(e, url, api_key) from None
     except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
         reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+        if _never_connected(reason):
+            raise ConnectError(f"cannot connect to {url}: {reason}") from None
         raise RequestError(f"no answer from {url}: {reason}") from None
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # also bytes that are not UTF-8, or nested too deep
         raise RequestError(f"response from {url} is not valid JSON") from None
+
+
+def _never_connected(reason: object) -> bool:
+    """Whether the socket never connected: refused, unknown host or no route (urllib wraps
+    connect's OSError in a URLError whose reason it is), not a fault of a connected one."""
+    if isinstance(reason, socket.gaierror):
+        return True
+    return isinstance(reason, OSError) and reason.errno in NO_CONNECTION_ERRNOS
+
+
+def _choice_text(choice: object, chat: bool) -> object:
+    """A choice's `text`, or its `message.content` for chat; None where the shape is wrong."""
+    if not isinstance(choice, dict):
+        return None
+    if not chat:
+        return choice.get("text")
+    message = choice.get("message")
+    return message.get("content") if isinstance(message, dict) else None
 
 
 def extract_texts(response: object, chat: bool) -> list[str]:
@@ -244,15 +263,10 @@ def extract_texts(response: object, chat: bool) -> list[str]:
     choices = response.get("choices") if isinstance(response, dict) else None
     if not isinstance(choices, list) or not choices:
         raise RequestError("response has no 'choices'")
-    texts = []
-    for choice in choices:
-        if not isinstance(choice, dict):
-            raise RequestError("response has a choice that is not an object")
-        text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
-        if not isinstance(text, str):
-            field = "message.content" if chat else "text"
-            raise RequestError(f"response has a choice without '{field}'")
-        texts.append(text)
+    texts = [_choice_text(choice, chat) for choice in choices]
+    if not all(isinstance(text, str) for text in texts):
+        field = "message.content" if chat else "text"
+        raise RequestError(f"response has a choice without a string '{field}'")
     return texts
 
 
@@ -295,7 +309,11 @@ class RetryPolicy:
 
 @dataclasses.dataclass
 class CompletionClient:
-    """Asks an OpenAI-compatible server for `samples` completions of a prompt, retrying."""
+    """Asks an OpenAI-compatible server for `samples` completions of a prompt, retrying.
+
+    Until the server has answered once, a connection that cannot be made counts towards
+    UNREACHABLE_AFTER, which stops the run; after that it is a transient fault like others.
+    """
 
     url: str
     model: str
@@ -305,10 +323,14 @@ class CompletionClient:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     api_key: str | None = dataclasses.field(default=None, repr=False)
+    key_variable: str = "OPENAI_API_KEY"  # named when the server wants a key and none was set
     timeout: float = 60.0
     retry: RetryPolicy = RetryPolicy()
     limiter: RateLimiter | None = None
     _cancelled: threading.Event = dataclasses.field(default_factory=threading.Event, init=False)
+    _answered: threading.Event = dataclasses.field(default_factory=threading.Event, init=False)
+    _connect_failures: int = dataclasses.field(default=0, init=False)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, init=False)
 
     def request_body(self, prompt: str) -> dict:
         body: dict = {"model": self.model, "n": self.samples}
@@ -327,8 +349,31 @@ class CompletionClient:
             self.limiter.acquire(self._cancelled.wait)
         if self._cancelled.is_set():
             raise RequestError("cancelled", retryable=False)
-        response = post_json(self.url, self.request_body(prompt), self.api_key, self.timeout)
+        try:
+            response = post_json(self.url, self.request_body(prompt), self.api_key, self.timeout)
+        except ConnectError as e:
+            self._connect_failed(e)
+            raise
+        except RequestError as e:
+            self._answered.set()
+            if self.api_key is None and e.status in KEY_REFUSED_STATUS:
+                hint = f"{self.key_variable} is unset or empty, so no key was sent"
+                raise FatalRequestError(f"{e} ({hint})", e.status) from None
+            raise
+        self._answered.set()
         return extract_texts(response, self.chat)
+
+    def _connect_failed(self, error: ConnectError) -> None:
+        """Counts a failed connection; raises FatalRequestError when the server never answered
+        and UNREACHABLE_AFTER connections have failed."""
+        with self._lock:
+            self._connect_failures += 1
+            unreachable = self._connect_failures >= UNREACHABLE_AFTER
+        if unreachable and not self._answered.is_set():
+            raise FatalRequestError(
+                f"{error} (the first {UNREACHABLE_AFTER} connections failed; "
+                "check --endpoint and that the server is up)"
+            ) from None
 
     def complete(self, prompt: str) -> list[str]:
         """The completions, after up to `retry.retries` retries; raises the last RequestError."""
@@ -532,6 +577,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_api_key(variable: str) -> str | None:
+    """The key in environment variable `variable`, None when unset or blank.
+
+    Checked before any request, so that a key an HTTP header cannot carry fails here with a
+    message naming the variable; no message shows any of the key.
+    """
+    value = os.environ.get(variable, "")
+    key = value.strip()
+    if key != value:
+        print(f"warning: ignoring whitespace around the key in {variable}", file=sys.stderr)
+    if not (key.isprintable() and all(ord(c) < 256 for c in key)):  # Latin-1, no controls
+        raise TeacherError(
+            f"{variable} holds a character an HTTP header cannot carry (a non-Latin-1 or a "
+            "control character); set it to the key alone"
+        )
+    return key or None
+
+
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("samples", "max_tokens", "concurrency"):
         if getattr(args, name) < 1:
@@ -542,6 +605,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _teach(args: argparse.Namespace) -> int:
     _check_args(args)
+    api_key = read_api_key(args.api_key_env)
     template = read_prompt(args.prompt)
     parser = resolve_parser(args.parser, args.prompt)
     examples = read_examples(args.dataset)
@@ -560,7 +624,8 @@ def _teach(args: argparse.Namespace) -> int:
         temperature=default_temperature if args.temperature is None else args.temperature,
         max_tokens=args.max_tokens,
         stop=tuple(args.stop),
-        api_key=os.environ.get(args.api_key_env) or None,
+        api_key=api_key,
+        key_variable=args.api_key_env,
         timeout=args.timeout,
         retry=RetryPolicy(retries=args.retries, backoff=args.backoff),
         limiter=RateLimiter(args.rate_limit) if args.rate_limit else None,

@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from dsbs_jax import teacher
-from dsbs_jax.data import cache, parsing
+from dsbs_jax.data import cache, official, parsing, prepare, records
 from dsbs_jax.data.official import DATASETS
+from tests.conftest import OFFICIAL_DATA, needs_official_data
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "fake-llm"
@@ -39,6 +41,7 @@ class Reply:
     body: bytes | None = None  # sent as is instead of an OpenAI response built from `texts`
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     delay: float = 0.0
+    drop: bool = False  # close the connection without an answer
 
 
 Script = Callable[[str, int], Reply]  # (question, attempt number for it) -> reply
@@ -59,6 +62,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         reply = fake.handle(self.path, dict(self.headers), body)
         time.sleep(reply.delay)
+        if reply.drop:
+            self.close_connection = True
+            return
         if reply.body is None:
             chat = "messages" in body
             choices = [
@@ -164,9 +170,11 @@ def cached(tmp_path: Path) -> dict[str, cache.TeacherRecord]:
 
 
 def test_one_parsed_record_per_example(tmp_path, serve, capsys):
+    no_marker = "Beavers like water, I think.\n\nQ: Next?"
+
     def script(question: str, attempt: int) -> Reply:
         if question == "question 4":
-            return Reply(["Beavers like water, I think.\n\nQ: Next?"])
+            return Reply([no_marker])
         return Reply([cqa_answer(question)])
 
     server = serve(script)
@@ -183,7 +191,13 @@ def test_one_parsed_record_per_example(tmp_path, serve, capsys):
     )
     assert (r.input, r.label) == ("question 2", "wooded area")
     bad = records["q4"]
-    assert (bad.parse_ok, bad.parse_status, bad.rationales) == (False, "no_answer_marker", ())
+    # What the parser read, as `data prepare` keeps it: the whole text, without a label.
+    assert (bad.parse_ok, bad.parse_status, bad.rationales, bad.teacher_label) == (
+        False,
+        "no_answer_marker",
+        (no_marker,),
+        "",
+    )
     assert len(server.requests) == 5
     request = server.requests[0]
     assert request["path"] == "/v1/completions"
@@ -217,18 +231,26 @@ def test_samples_give_rationales_and_majority_label_over_chat(tmp_path, serve):
     assert body["messages"][0]["content"].endswith(f"Q: {question_of(body)}\nA:")
 
 
-def test_majority_ties_go_to_the_first_and_nothing_parsed_keeps_first_status():
+def test_majority_ties_go_to_the_first_and_nothing_parsed_keeps_what_was_read():
     example = teacher.Example("x", "question", "")
     parse = DATASETS["cqa"].parser
-    tie = teacher.make_record(example, [cqa_answer("a", "b", "river"), cqa_answer("a")], parse, "m")
+    tie = records.make_record(example, [cqa_answer("a", "b", "river"), cqa_answer("a")], parse, "m")
     assert tie.teacher_label == "river"
     hedge = "So the answer is (a) x or (b) y."
-    none = teacher.make_record(example, ["no marker", hedge], parse, "m")
+    none = records.make_record(example, ["no marker", hedge], parse, "m")
     assert (none.parse_ok, none.parse_status, none.rationales, none.teacher_label) == (
         False,
         parsing.NO_ANSWER_MARKER,
-        (),
-        "",
+        ("no marker",),
+        "x",
+    )
+    hedged = "Clubs and gyms have courts. So the answer is (c) club or (d) gym."
+    one = records.make_record(example, [hedged], parse, "m")
+    assert (one.parse_ok, one.parse_status, one.rationales, one.teacher_label) == (
+        False,
+        parsing.MULTIPLE_ANSWERS,
+        ("Clubs and gyms have courts.",),
+        "club",
     )
 
 
@@ -317,6 +339,20 @@ def test_complete_last_line_without_newline_is_kept(tmp_path):
     assert path.read_text() == line + "\n"
 
 
+def kill_after_lines(command: list[str], path: Path, lines: int, seconds: float = 30) -> None:
+    """Runs `command` and SIGKILLs it once `path` has `lines` lines; fails if it ends first."""
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.is_file() and path.read_bytes().count(b"\n") >= lines:
+            break
+        time.sleep(0.02)
+    running = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    err = proc.communicate()[1].decode()
+    assert running, err
+
+
 def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(tmp_path, serve):
     def slow(question: str, attempt: int) -> Reply:
         return Reply([cqa_answer(question)], delay=0.1)
@@ -326,16 +362,7 @@ def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(tmp_path, serve):
     command = [sys.executable, "-m", "dsbs_jax.teacher", *args(tmp_path, server, n)]
     command += ["--concurrency", "2"]
     path = tmp_path / "cache" / "train.jsonl"
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.is_file() and path.read_bytes().count(b"\n") >= 5:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, proc.stderr.read().decode()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_after_lines(command, path, 5)
     before = path.read_bytes()
     kept = before[: before.rfind(b"\n") + 1]
     written = kept.count(b"\n")
@@ -349,24 +376,62 @@ def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(tmp_path, serve):
     assert len(server.requests) <= n + 3
 
 
+SECRET = "sk-Q7vX9zKp2WmR4tJd"
+
+
+def assert_no_part_of_key(text: str, key: str = SECRET) -> None:
+    pieces = {key[i : i + teacher.REDACT_MIN_CHARS] for i in range(len(key) - 3)}
+    assert not [piece for piece in pieces if piece in text]
+
+
 def test_api_key_is_a_bearer_header_and_written_nowhere(tmp_path, serve, capsys, monkeypatch):
-    secret = "sk-test-SECRET-4242"
-    monkeypatch.setenv("TEACHER_KEY", secret)
+    monkeypatch.setenv("TEACHER_KEY", SECRET)
 
     def script(question: str, attempt: int) -> Reply:
-        if question == "question 1":  # an error body that echoes the key back
-            return Reply(status=500, body=f"bad key {secret}".encode())
+        if question == "question 1":  # an error body that echoes the key back, whole and masked
+            return Reply(
+                status=500, body=f"bad key {SECRET}, you sent sk-****{SECRET[-4:]}".encode()
+            )
         return Reply([cqa_answer(question)])
 
     server = serve(script)
     code = teacher.main(args(tmp_path, server, 3, "--api-key-env", "TEACHER_KEY", "--retries", "1"))
     assert code == 1
-    assert {r["headers"]["Authorization"] for r in server.requests} == {f"Bearer {secret}"}
+    assert {r["headers"]["Authorization"] for r in server.requests} == {f"Bearer {SECRET}"}
     out, err = capsys.readouterr()
-    assert "bad key ***" in err
-    assert secret not in out + err
+    assert "bad key ***, you sent sk-******" in err
+    assert_no_part_of_key(out + err)
     for file in (tmp_path / "cache").iterdir():
-        assert secret.encode() not in file.read_bytes()
+        assert_no_part_of_key(file.read_text())
+
+
+@pytest.mark.parametrize("padding", ["\r", "\n", " \r\n"])
+def test_key_ending_in_cr_or_lf_is_stripped_with_a_warning(
+    tmp_path, serve, capsys, monkeypatch, padding
+):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET + padding)
+    server = serve()
+    assert teacher.main(args(tmp_path, server, 2)) == 0
+    assert {r["headers"]["Authorization"] for r in server.requests} == {f"Bearer {SECRET}"}
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: ignoring whitespace around the key in OPENAI_API_KEY"]
+    assert_no_part_of_key(out + err)
+
+
+@pytest.mark.parametrize("key", [SECRET + "\u2014x", "sk-Q7vX9\nzKp2WmR4tJd", "sk-Q7vX9\tzKp2"])
+def test_key_a_header_cannot_carry_is_refused_naming_its_variable(
+    tmp_path, serve, capsys, monkeypatch, key
+):
+    monkeypatch.setenv("TEACHER_KEY", key)
+    server = serve()
+    assert teacher.main(args(tmp_path, server, 2, "--api-key-env", "TEACHER_KEY")) == 2
+    out, err = capsys.readouterr()
+    assert err == (
+        "error: TEACHER_KEY holds a character an HTTP header cannot carry (a non-Latin-1 or a "
+        "control character); set it to the key alone\n"
+    )
+    assert server.requests == [] and not (tmp_path / "cache").exists()
 
 
 def test_rate_limit_holds(tmp_path, serve):
@@ -379,13 +444,29 @@ def test_rate_limit_holds(tmp_path, serve):
     assert times[-1] - times[0] >= 1.8
 
 
-def test_refused_key_stops_the_run(tmp_path, serve, capsys):
+def test_refused_key_stops_the_run(tmp_path, serve, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     server = serve(lambda question, attempt: Reply(status=401, body=b"invalid api key"))
     assert teacher.main(args(tmp_path, server, 20, "--concurrency", "2")) == 2
     err = capsys.readouterr().err
-    assert "error: HTTP 401" in err and "invalid api key" in err
+    assert "error: HTTP 401" in err and "invalid api key" in err and "unset" not in err
     assert len(server.requests) <= 4
     assert cached(tmp_path) == {}
+
+
+@pytest.mark.parametrize(("status", "variable"), [(401, "OPENAI_API_KEY"), (403, "TEACHER_KEY")])
+def test_refusal_without_a_key_names_the_unset_variable(
+    tmp_path, serve, capsys, monkeypatch, status, variable
+):
+    monkeypatch.delenv(variable, raising=False)
+    server = serve(lambda question, attempt: Reply(status=status, body=b"no key"))
+    assert teacher.main(args(tmp_path, server, 4, "--api-key-env", variable)) == 2
+    assert all("Authorization" not in r["headers"] for r in server.requests)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == [
+        f"error: HTTP {status} from {server.url}/v1/completions: no key "
+        f"({variable} is unset or empty, so no key was sent)"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -459,7 +540,126 @@ def test_equation_samples_vote_by_value():
         "He has 2 + 2 = 4. The answer is (2+2).",
         "He has 8 minus 3. The answer is (8 - (3)).",
     ]
-    record = teacher.make_record(example, texts, parsing.parse_equation, "m")
+    record = records.make_record(example, texts, parsing.parse_equation, "m")
     assert record.teacher_label == "(8-3)"
     assert len(record.rationales) == 5
-    assert teacher.majority_label(["(2+2)", "(1+3)", "(5)"], str) == "(2+2)"
+    assert records.majority_label(["(2+2)", "(1+3)", "(5)"], str) == "(2+2)"
+
+
+MALFORMED_CHAT_BODIES = {
+    "question 1": b'{"choices": [{"message": "text"}]}',
+    "question 2": b'{"choices": [{"message": {"role": "assistant", "content": null}}]}',
+    "question 3": b'{"choices": [{"message": {"content": ["a list"]}}]}',
+    "question 4": b'{"choices": {"0": {"message": {"content": "a dict of choices"}}}}',
+    "question 5": b'[{"choices": []}]',
+    "question 6": b"<html>502 Bad Gateway</html>",
+    "question 7": b"[" * 100_000,  # too deep for the JSON decoder
+    "question 8": b"\xff\xfe not UTF-8",
+}
+
+
+def test_wrong_shaped_replies_are_failed_examples_without_a_traceback(tmp_path, serve):
+    def script(question: str, attempt: int) -> Reply:
+        if question in MALFORMED_CHAT_BODIES:
+            return Reply(body=MALFORMED_CHAT_BODIES[question])
+        return Reply([cqa_answer(question)])
+
+    server = serve(script)
+    argv = args(tmp_path, server, 10, "--chat", "--retries", "2", "--concurrency", "8")
+    done = subprocess.run(
+        [sys.executable, "-m", "dsbs_jax.teacher", *argv], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "error: 8 example(s) failed (after up to 2 retries)" in done.stderr
+    assert sorted(cached(tmp_path)) == ["q0", "q9"]
+    assert server.attempts == {q: 3 for q in MALFORMED_CHAT_BODIES} | {
+        "question 0": 1,
+        "question 9": 1,
+    }
+
+
+def closed_port_url() -> str:
+    """The URL of a loopback port nothing listens on (bound for a moment, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_unreachable_endpoint_stops_at_once(tmp_path, serve, capsys):
+    url = closed_port_url()
+    argv = args(tmp_path, serve(), 16, "--endpoint", url, "--backoff", "1", "--concurrency", "4")
+    start = time.monotonic()
+    assert teacher.main(argv) == 2
+    assert time.monotonic() - start < 5  # no backoff: the first connections were refused at once
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"error: cannot connect to {url}/v1/completions: ")
+    assert errors[0].endswith(
+        "(the first 3 connections failed; check --endpoint and that the server is up)"
+    )
+    assert cached(tmp_path) == {}
+
+
+def test_connection_failures_after_an_answer_are_retried(serve):
+    server = serve()
+    retry = teacher.RetryPolicy(retries=4, backoff=0.0)
+    client = teacher.CompletionClient(url=f"{server.url}/v1/completions", model=MODEL, retry=retry)
+    assert client.complete("Q: question 0\nA:") == [cqa_answer("question 0")]
+    client.url = closed_port_url()
+    with pytest.raises(teacher.RequestError) as failed:
+        client.complete("Q: question 1\nA:")
+    assert type(failed.value) is teacher.ConnectError and failed.value.retryable
+    fresh = teacher.CompletionClient(url=client.url, model=MODEL, retry=retry)
+    with pytest.raises(teacher.FatalRequestError, match="the first 3 connections failed"):
+        fresh.complete("Q: question 1\nA:")
+
+
+# What the server answers the official run with instead of the continuation, by attempt.
+OFFICIAL_RUN_FAULTS = (
+    Reply(status=500, body=b"overloaded"),
+    Reply(status=429, headers={"Retry-After": "0"}, body=b"slow down"),
+    Reply(body=b'{"choices": [{"message": {"content": "a chat reply"}}]}'),  # no "text"
+    Reply(body=b'{"choices": [{"text": "cut sho'),
+    Reply(drop=True),
+    Reply(status=503, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}),
+)
+
+
+@needs_official_data
+def test_teacher_stage_rebuilds_the_prepared_cqa_test_split(tmp_path, serve):
+    """The official cqa test continuations, served through faults, a kill and a partial run,
+    give the very records `data prepare` builds from them."""
+    prepare.prepare_official(OFFICIAL_DATA, "cqa", tmp_path / "prepared")
+    prepared = tmp_path / "prepared" / "cqa" / "test.jsonl"
+    expected = cache.read_records(prepared)
+    outputs = official._read_teacher_outputs(OFFICIAL_DATA / "cqa" / "llm", "test")
+    continuation = dict(zip([r.input for r in expected], outputs, strict=True))
+    index = {r.input: i for i, r in enumerate(expected)}
+
+    def script(question: str, attempt: int) -> Reply:
+        i = index[question]
+        if i % 250 == 7 and attempt == 0:
+            return Reply(status=429, headers={"Retry-After": "1"}, body=b"slow down")
+        if (i % 3 == 0 and attempt == 0) or (i % 12 == 0 and attempt == 1):
+            return OFFICIAL_RUN_FAULTS[(i // 3 + attempt) % len(OFFICIAL_RUN_FAULTS)]
+        return Reply([continuation[question]])
+
+    server = serve(script)
+    out = tmp_path / "teacher"
+    argv = ["--dataset", str(prepared), "--prompt", "cqa", "--endpoint", server.url]
+    argv += ["--model", official.TEACHER, "--out", str(out), "--split", "test"]
+    argv += ["--concurrency", "8", "--backoff", "0.01", "--timeout", "5"]
+    path = out / "test.jsonl"
+    kill_after_lines([sys.executable, "-m", "dsbs_jax.teacher", *argv, "--retries", "3"], path, 300)
+    killed_at = path.read_bytes().count(b"\n")
+    assert teacher.main([*argv, "--retries", "0"]) == 1  # the first faults fail the examples
+    partial = len(cache.read_records(path))
+    assert killed_at < partial < len(expected)
+    assert teacher.main([*argv, "--retries", "3"]) == 0
+
+    written = cache.read_records(path)
+    assert len(written) == len(expected) == 1221
+    assert {r.id: r for r in written} == {r.id: r for r in expected}
+    hedged = [r for r in written if r.parse_status == parsing.MULTIPLE_ANSWERS]
+    assert len(hedged) == 25 and all(r.teacher_label and r.rationales for r in hedged)

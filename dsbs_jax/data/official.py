@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dsbs_jax.data import parsing
-from dsbs_jax.data.cache import TeacherRecord, iter_json_lines
+from dsbs_jax.data.cache import Example, TeacherRecord, iter_json_lines
+from dsbs_jax.data.records import make_record
 from dsbs_jax.errors import UserError
 
 NLI_LABELS = {"0": "entailment", "1": "neutral", "2": "contradiction"}
@@ -149,14 +150,5 @@ def read_split(root: str | Path, name: str, split: str) -> Iterator[TeacherRecor
         if not isinstance(row, dict):
             raise OfficialDataError(f"{where}: expected a JSON object")
         example_id, text, label = dataset.build_example(row, where)
-        parsed = dataset.parser(output)
-        yield TeacherRecord(
-            id=example_id or f"{name}-{split}-{index:06d}",
-            input=text,
-            label=label,
-            teacher_label=parsed.label,
-            rationales=(parsed.rationale,) if parsed.rationale else (),
-            teacher=TEACHER,
-            parse_ok=parsed.ok,
-            parse_status=parsed.status,
-        )
+        example = Example(example_id or f"{name}-{split}-{index:06d}", text, label)
+        yield make_record(example, [output], dataset.parser, TEACHER)
