@@ -20,6 +20,11 @@ used instead. Trailing newlines are dropped, so the prompt ends where the answer
 starts. `--prompt cqa` (or svamp, esnli, anli1) names a prompt shipped in
 `dsbs_jax/prompts/`.
 
+A run that leaves every example cached also writes the dataset's SentencePiece
+vocabulary `<out>/spm.model`, trained on the folder's train split, unless the
+folder has one (it is kept: models trained with it depend on its ids) or
+--no-vocab is given (runs then need VOCABULARY_PATH).
+
 Exit status: 0 when every example is cached, 1 when some failed (rerun to retry
 them), 2 for bad input or a request the server refuses outright (401, 403,
 404), 130 when interrupted. The API key is read from the environment and never
@@ -52,7 +57,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from dsbs_jax.data import parsing
+from dsbs_jax.data import parsing, vocab
 from dsbs_jax.data.cache import (
     SPLITS,
     Example,
@@ -529,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, default=60.0, help="socket timeout in seconds")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="variable holding the key")
+    p.add_argument(
+        "--no-vocab", action="store_true", help="write no <out>/spm.model vocabulary at the end"
+    )
     return p
 
 
@@ -586,6 +594,8 @@ def _teach(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if not args.no_vocab:
+        print(vocab.write_dataset_vocab(args.out))
     return 0
 
 
