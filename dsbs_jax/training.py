@@ -29,6 +29,7 @@ from dsbs_jax import checkpoint_import, evaluation, optimizers, trainer
 from dsbs_jax.checkpoints import Checkpointer
 from dsbs_jax.checkpoints import model_dir_path as model_dir_path_of
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
+from dsbs_jax.data.registration import task_vocabulary
 from dsbs_jax.data.run_inputs import ensure_run_inputs
 from dsbs_jax.early_stopping import MetricHistory, early_stopping
 from dsbs_jax.input_pipeline import train_batches
@@ -86,10 +87,6 @@ def build_model_config(config: Mapping[str, Any], vocabulary: seqio.Vocabulary) 
     return get_config(preset, **settings)
 
 
-def _task_vocabulary(mixture_or_task_name: str) -> seqio.Vocabulary:
-    return seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"].vocabulary
-
-
 def _primary_metric(mixture_or_task_name: str, split: str) -> str | None:
     """The metric that picks the best checkpoint, e.g. 'validation/dsbs_cqa_label_llm/accuracy'."""
     tasks = evaluation.metric_tasks(mixture_or_task_name)
@@ -128,7 +125,7 @@ class Student:
         shardings only (`jax.ShapeDtypeStruct`s, nothing allocated), which is what compiling
         ahead of time for devices this host does not have needs (see `dsbs_jax.aot`).
         """
-        self.vocabulary = _task_vocabulary(mixture_or_task_name)
+        self.vocabulary = task_vocabulary(mixture_or_task_name)
         self.config = build_model_config(model_config, self.vocabulary)
         self.model = T5(self.config)
         self.partitioner = Partitioner(devices=devices)
