@@ -291,18 +291,15 @@ def compile_for_topology(
         raise UserError(f"unknown programs {sorted(unknown)}; choose from {', '.join(PROGRAMS)}")
     generation, topology = parse_topology(topology_name)
     chip = CHIPS[generation]
-    import seqio
-
+    from dsbs_jax.data.registration import task_vocabulary
     from dsbs_jax.input_pipeline import batch_spec
 
     devices = topology_devices(generation, topology)
     settings = train_settings(devices)
     lengths = settings["task_feature_lengths"]
     partitioner, optimizer = settings["partitioner"], settings["optimizer"]
-    vocabulary = seqio.get_mixture_or_task(settings["mixture_or_task_name"]).output_features
-    config = build_model_config(
-        settings["model_config"], vocabulary["targets"].vocabulary.vocab_size
-    )
+    vocabulary = task_vocabulary(settings["mixture_or_task_name"])
+    config = build_model_config(settings["model_config"], vocabulary.vocab_size)
     student = Student(config, partitioner)
     batch_size, eval_batch_size = settings["batch_size"], settings["eval_batch_size"]
     for what, rows in (
@@ -372,7 +369,7 @@ def compile_for_topology(
             params,
             eval_batch["encoder_input_tokens"],
             max_decode_length=max_decode_length,
-            eos_id=vocabulary["targets"].vocabulary.eos_id,
+            eos_id=vocabulary.eos_id,
         )
 
     builders = (

@@ -17,12 +17,12 @@ from typing import Any
 
 import gin
 import jax
-import seqio
 from etils import epath
 
 from dsbs_jax import checkpoint_import, checkpoints, evaluation, trainer
 from dsbs_jax.checkpoints import model_dir_path
 from dsbs_jax.data.cache import read_examples
+from dsbs_jax.data.registration import task_vocabulary
 from dsbs_jax.data.run_inputs import ensure_run_inputs
 from dsbs_jax.errors import MissingFileError
 from dsbs_jax.label_prediction import LabelEvaluation, LabelPredictor
@@ -50,8 +50,7 @@ def restore_student(
     with `check` stops there and returns no parameters.
     """
     ensure_run_inputs(mixture_or_task_name, split)
-    vocabulary = seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"]
-    config = build_model_config(model_config, vocabulary.vocabulary.vocab_size)
+    config = build_model_config(model_config, task_vocabulary(mixture_or_task_name).vocab_size)
     student = Student(config, partitioner)
     step, step_dir = checkpoints.checkpoint_dir(model_dir, checkpoint)
     if check:
@@ -161,12 +160,11 @@ def infer(
     if check:
         return None
     rows, dataset = _rows(mixture_or_task_name, split, task_feature_lengths, input_file)
-    vocabulary = seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"]
     predictor = LabelPredictor(
         student.model,
         params,
         partitioner,
-        vocabulary.vocabulary,
+        task_vocabulary(mixture_or_task_name),
         task_feature_lengths["inputs"],
         max_decode_length or task_feature_lengths["targets"],
         label_evaluation.batch_size or batch_size,

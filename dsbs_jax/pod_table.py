@@ -1,7 +1,8 @@
 """The pod table: per model size, slice and optimizer, the cheapest settings XLA says fit.
 
     python -m dsbs_jax.pod_table --gin_file=runs/cqa_step_by_step.gin \\
-        --gin.DATA_DIR='"/tmp/data"' --gin.t5_config.vocab_size=32128 \\
+        --gin.DATA_DIR='"/tmp/data"' --gin.VOCABULARY_PATH='"/tmp/data/synthetic/spm.model"' \\
+        --gin.t5_config.vocab_size=32128 \\
         --results=pod_table.json --markdown=docs/pod_table.md
 
 For every cell (T5 1.1 size x slice x optimizer) the train step of the run is compiled for the

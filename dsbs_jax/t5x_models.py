@@ -94,6 +94,12 @@ def step_by_step_model(model: models.EncoderDecoderModel) -> StepByStepEncoderDe
 
 
 @gin.configurable
-def task_vocabulary() -> seqio.Vocabulary:
-    """The vocabulary our tasks register (path from gin VOCABULARY_PATH), for t5x's VOCABULARY."""
-    return registration.VOCABULARY
+def task_vocabulary(mixture_or_task_name: str = gin.REQUIRED) -> seqio.Vocabulary:
+    """The vocabulary the run's tasks tokenize with, for t5x's VOCABULARY: VOCABULARY_PATH, or
+    with it None the dataset's own (`<DATA_DIR>/<dataset>/spm.model`).
+
+    The model is built before t5x imports MIXTURE_OR_TASK_MODULE, so this registers the tasks.
+    """
+    import dsbs_jax.tasks  # noqa: F401
+
+    return registration.task_vocabulary(mixture_or_task_name)

@@ -24,6 +24,11 @@ A reply without usable text (not JSON, or JSON of another shape) is retried like
 a 5xx. A connection that cannot be made (refused, unknown host, no route) is
 retried too once the server has answered, but stops the run while it never has.
 
+A run that leaves every example cached also writes the dataset's SentencePiece
+vocabulary `<out>/spm.model`, trained on the folder's train split, unless the
+folder has one (it is kept: models trained with it depend on its ids) or
+--no-vocab is given (runs then need VOCABULARY_PATH).
+
 Exit status: 0 when every example is cached, 1 when some failed (rerun to retry
 them), 2 for bad input, a request the server refuses outright (401, 403, 404)
 or a server the first 3 connections could not reach, 130 when interrupted. The
@@ -59,7 +64,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from dsbs_jax.data import parsing
+from dsbs_jax.data import parsing, vocab
 from dsbs_jax.data.cache import (
     SPLITS,
     Example,
@@ -574,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, default=60.0, help="socket timeout in seconds")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="variable holding the key")
+    p.add_argument(
+        "--no-vocab", action="store_true", help="write no <out>/spm.model vocabulary at the end"
+    )
     return p
 
 
@@ -651,6 +659,8 @@ def _teach(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if not args.no_vocab:
+        print(vocab.write_dataset_vocab(args.out))
     return 0
 
 

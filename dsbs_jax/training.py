@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from dsbs_jax import checkpoint_import, checkpoints, trainer
 from dsbs_jax.checkpoints import Checkpointer, model_dir_path
+from dsbs_jax.data.registration import task_vocabulary
 from dsbs_jax.data.run_inputs import ensure_run_inputs
 from dsbs_jax.early_stopping import MetricHistory, early_stopping
 from dsbs_jax.errors import UserError
@@ -205,7 +206,7 @@ class TrainingRun:
         problem. Writes nothing but, where the run needs it, the built-in dataset."""
         name = inputs.mixture_or_task_name
         ensure_run_inputs(name)
-        vocabulary = seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
+        vocabulary = task_vocabulary(name)
         student = Student(build_model_config(model_config, vocabulary.vocab_size), partitioner)
         _check_sizes(partitioner, inputs, loop, evals)
         resume_dir = checkpoints.latest_step_dir(model_dir)

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import sentencepiece as spm
+
 from dsbs_jax.data import cache
 from dsbs_jax.data.__main__ import main
 from tests.conftest import OFFICIAL_DATA, needs_official_data
@@ -235,3 +237,46 @@ def test_asdiv_layout(tmp_path, capsys):
         "(3 - 1)",
     )
     assert "100.00%" in capsys.readouterr().out
+
+
+@needs_official_data
+def test_prepare_writes_the_vocabulary_unless_told_not_to(tmp_path, capsys):
+    argv = ["prepare", "--dataset", "svamp", "--source", str(OFFICIAL_DATA), "--out", str(tmp_path)]
+    model = tmp_path / "svamp" / "spm.model"
+    assert main([*argv, "--no-vocab"]) == 0
+    assert not model.exists() and "vocabulary" not in capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote the vocabulary {model}"
+    # svamp's 720 training inputs support 1003 pieces, fewer than the 8000 asked for.
+    assert spm.SentencePieceProcessor(model_file=str(model)).get_piece_size() == 1003
+
+
+def test_prepare_of_a_cache_without_train_split_says_it_wrote_no_vocabulary(tmp_path, capsys):
+    row = json.dumps({"uid": "u1", "premise": "p", "hypothesis": "h", "label": 0})
+    _official_layout(tmp_path, [row], ["r. So the answer is entailment."])
+    argv = ["prepare", "--dataset", "anli1", "--source", str(tmp_path), "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"wrote no vocabulary: {tmp_path / 'anli1'} has no train split to learn one from "
+        "(runs on it need VOCABULARY_PATH)"
+    )
+
+
+def test_vocab_command_trains_on_train_and_says_what_it_replaced(tmp_path, capsys):
+    from dsbs_jax.data import synthetic
+
+    folder, model = tmp_path / "mydata", tmp_path / "mydata" / "spm.model"
+    config = synthetic.SyntheticConfig(num_train=60, num_valid=10, num_test=10)
+    cache.write_splits(folder, synthetic.generate(config))
+    assert main(["vocab", "--cache", str(folder)]) == 0
+    assert capsys.readouterr().out == f"wrote {model}\n"
+    assert main(["vocab", "--cache", str(folder)]) == 0
+    assert capsys.readouterr().out == f"wrote {model} (the same as the one it replaced)\n"
+    cache.write_splits(folder, {"train": synthetic.generate(config)["test"]})
+    assert main(["vocab", "--cache", str(folder)]) == 0
+    assert capsys.readouterr().out == (
+        f"wrote {model}, replacing a different one: models trained with that no longer match\n"
+    )
+    (folder / "train.jsonl").unlink()
+    assert main(["vocab", "--cache", str(folder)]) == 2
+    assert f"no train split at {folder / 'train.jsonl'}" in capsys.readouterr().err

@@ -225,7 +225,7 @@ def test_t5x_trains_exactly_our_step_by_step_loss(gin_cache_root):
     """The t5x model's loss equals ours on the same batch, and is the per-task-mean loss."""
     alpha = 0.3
     batch = _batch(alpha)
-    vocabulary = registration.VOCABULARY
+    vocabulary = registration.task_vocabulary(MIXTURE)
     model = StepByStepEncoderDecoderModel(
         _t5x_module(), vocabulary, vocabulary, adafactor.Adafactor(), z_loss=1e-4
     )
@@ -279,3 +279,44 @@ def test_every_t5x_run_file_parses_after_t5x_finetune_gin():
     assert done.returncode == 0, done.stderr[-3000:]
     parsed = dict(line.split() for line in done.stdout.splitlines())
     assert parsed == {f: f"dsbs_{Path(f).stem.removesuffix('_asdiv')}" for f in run_files}
+
+
+def test_model_vocabulary_is_the_run_datasets_own_as_t5x_checks_it(builtin_cache_root, tmp_path):
+    """With VOCABULARY_PATH None, tasks.gin's VOCABULARY is the mixture's dataset's own
+    vocabulary, and t5x's own check accepts it, after gin's copy, against the tasks."""
+    import copy
+    import dataclasses
+    import shutil
+    import types
+
+    from t5x import utils as t5x_utils
+
+    from dsbs_jax import t5x_models
+    from dsbs_jax.data import cache, vocab
+
+    name = "t5xvocab"
+    shutil.copytree(builtin_cache_root / "synthetic", tmp_path / "synthetic")
+    records = cache.read_records(tmp_path / "synthetic" / "train.jsonl")
+    renamed = [dataclasses.replace(r, input=r.input.replace("pens", "crayons")) for r in records]
+    cache.write_splits(tmp_path / name, {"train": renamed, "valid": renamed, "test": renamed})
+    vocab.write_dataset_vocab(tmp_path / name)
+    registration.register_dataset(name)
+    ours = registration.mixture_name(name, "step_by_step")
+
+    def check(model_vocabulary: seqio.Vocabulary) -> None:
+        config = t5x_utils.DatasetConfig(ours, LENGTHS, "train", 8, shuffle=False, seed=None)
+        model = types.SimpleNamespace(
+            input_vocabulary=model_vocabulary, output_vocabulary=model_vocabulary
+        )
+        t5x_utils.verify_matching_vocabs(config, model)
+
+    with gin.unlock_config():
+        gin.bind_parameter("teacher_cache_root.path", str(tmp_path))
+    try:
+        vocabulary = copy.deepcopy(t5x_models.task_vocabulary(ours))
+        assert vocabulary == seqio.SentencePieceVocabulary(str(tmp_path / name / "spm.model"))
+        check(vocabulary)
+        with pytest.raises(ValueError, match="vocabularies do not match"):
+            check(t5x_models.task_vocabulary(MIXTURE))  # the built-in dataset's
+    finally:
+        gin.clear_config()

@@ -36,7 +36,7 @@ def _examples(name, converter, split="train", shuffle=False, seed=None):
 
 
 def _decode(tokens) -> str:
-    vocab = registration.VOCABULARY
+    vocab = registration.vocabulary("synthetic")
     return vocab.decode([int(t) for t in tokens if t > 1])
 
 
@@ -134,7 +134,7 @@ def test_training_fraction_applies_to_every_task_alike(gin_cache_root):
 
 
 def test_vocabulary_follows_gin(gin_cache_root, tmp_path):
-    vocab = registration.VOCABULARY
+    vocab = registration.vocabulary("synthetic")
     assert vocab.vocab_size == 128
     assert vocab == seqio.SentencePieceVocabulary(str(gin_cache_root / "synthetic" / "spm.model"))
     with gin.unlock_config():

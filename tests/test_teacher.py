@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 
 from dsbs_jax import teacher
 from dsbs_jax.data import cache, official, parsing, prepare, records
@@ -663,3 +664,28 @@ def test_teacher_stage_rebuilds_the_prepared_cqa_test_split(tmp_path, serve):
     assert {r.id: r for r in written} == {r.id: r for r in expected}
     hedged = [r for r in written if r.parse_status == parsing.MULTIPLE_ANSWERS]
     assert len(hedged) == 25 and all(r.teacher_label and r.rationales for r in hedged)
+
+
+def test_a_complete_run_writes_the_vocabulary_and_a_later_one_keeps_it(tmp_path, serve, capsys):
+    def script(question: str, attempt: int) -> Reply:
+        if question == "question 1" and attempt == 0:
+            return Reply(status=503, body=b"overloaded")
+        return Reply([cqa_answer(question)])
+
+    server = serve(script)
+    model = tmp_path / "cache" / "spm.model"
+    assert teacher.main(args(tmp_path, server, 3, "--retries", "0")) == 1
+    assert not model.exists()  # the train split is not complete yet
+    assert teacher.main(args(tmp_path, server, 3, "--no-vocab")) == 0
+    assert not model.exists()
+    capsys.readouterr()
+    assert teacher.main(args(tmp_path, server, 3)) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote the vocabulary {model}"
+    processor = spm.SentencePieceProcessor(model_file=str(model))
+    assert processor.decode(processor.encode("question 2")) == "question 2"
+    written = model.read_bytes()
+    assert teacher.main(args(tmp_path, server, 4)) == 0  # one more input, the vocabulary stays
+    assert (
+        capsys.readouterr().out.splitlines()[-1].startswith(f"kept the existing vocabulary {model}")
+    )
+    assert model.read_bytes() == written

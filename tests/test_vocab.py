@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -10,7 +11,13 @@ import sentencepiece as spm
 
 from dsbs_jax.data import cache
 from dsbs_jax.data.synthetic import SyntheticConfig, generate
-from dsbs_jax.data.vocab import cache_texts, train_sentencepiece, train_vocab_for_cache
+from dsbs_jax.data.vocab import (
+    cache_texts,
+    train_sentencepiece,
+    train_vocab_for_cache,
+    write_dataset_vocab,
+)
+from dsbs_jax.errors import MissingFileError
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +105,36 @@ def test_empty_inputs_are_rejected(tmp_path: Path) -> None:
         train_sentencepiece(["", ""], tmp_path / "empty")
     with pytest.raises(FileNotFoundError):
         list(cache_texts(tmp_path))
+
+
+def test_dataset_vocab_learns_from_the_train_split_and_is_kept(
+    synthetic_cache: Path, tmp_path: Path
+) -> None:
+    train = cache.read_records(cache.split_path(synthetic_cache, "train"))
+    test = [dataclasses.replace(train[0], id="t0", input="Сколько ручек у неё?")]
+    cache.write_splits(tmp_path, {"train": train, "test": test})
+    model = tmp_path / "spm.model"
+    assert write_dataset_vocab(tmp_path) == f"wrote the vocabulary {model}"
+    processor = spm.SentencePieceProcessor(model_file=str(model))
+    assert processor.unk_id() in processor.encode(test[0].input)  # test text shaped nothing
+    assert processor.unk_id() not in processor.encode(train[0].input)
+    written = model.read_bytes()
+
+    cache.write_splits(tmp_path, {"train": test, "test": test})
+    assert write_dataset_vocab(tmp_path) == (
+        f"kept the existing vocabulary {model} (models trained with it depend on its ids; "
+        f"`python -m dsbs_jax.data vocab --cache {tmp_path}` retrains it)"
+    )
+    assert model.read_bytes() == written
+
+
+def test_dataset_vocab_needs_a_train_split(synthetic_cache: Path, tmp_path: Path) -> None:
+    test = cache.read_records(cache.split_path(synthetic_cache, "test"))
+    cache.write_splits(tmp_path, {"test": test})
+    assert write_dataset_vocab(tmp_path) == (
+        f"wrote no vocabulary: {tmp_path} has no train split to learn one from "
+        "(runs on it need VOCABULARY_PATH)"
+    )
+    assert not (tmp_path / "spm.model").exists()
+    with pytest.raises(MissingFileError, match="no train split at .* to train a vocabulary on"):
+        train_vocab_for_cache(tmp_path, splits=("train",))

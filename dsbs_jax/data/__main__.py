@@ -1,8 +1,9 @@
 """Data preparation commands: `python -m dsbs_jax.data <command> ...`.
 
     prepare    official archive (<source>/<name>/...) -> canonical cache <out>/<name>/
+               + its SentencePiece vocabulary <out>/<name>/spm.model (an existing one is kept)
     synthetic  the built-in word-problem dataset + its SentencePiece vocabulary
-    vocab      train a SentencePiece vocabulary on a canonical cache
+    vocab      (re)train a cache's SentencePiece vocabulary on its train split
     tfds       build a canonical cache as a TFDS dataset (TFRecord shards)
 
 Bad input (a missing directory, an unreadable file) ends with one line on
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dsbs_jax.data import cache, prepare
+from dsbs_jax.data import cache, prepare, vocab
 from dsbs_jax.data.official import DATASETS
 from dsbs_jax.errors import MissingFileError, UserError
 
@@ -24,7 +25,10 @@ from dsbs_jax.errors import MissingFileError, UserError
 def _prepare(args: argparse.Namespace) -> None:
     summaries = prepare.prepare_official(args.source, args.dataset, args.out)
     print(prepare.format_summaries(args.dataset, summaries))
-    print(f"wrote {Path(args.out) / args.dataset}")
+    out_dir = Path(args.out) / args.dataset
+    print(f"wrote {out_dir}")
+    if not args.no_vocab:
+        print(vocab.write_dataset_vocab(out_dir, args.vocab_size))
 
 
 def _synthetic(args: argparse.Namespace) -> None:
@@ -44,11 +48,17 @@ def _synthetic(args: argparse.Namespace) -> None:
 
 
 def _vocab(args: argparse.Namespace) -> None:
-    from dsbs_jax.data import vocab
-
     if not cache.available_splits(args.cache):
         raise MissingFileError(f"no <split>.jsonl teacher cache files in {args.cache}")
-    print(f"wrote {vocab.train_vocab_for_cache(args.cache, vocab_size=args.vocab_size)}")
+    old = Path(args.cache) / vocab.VOCAB_FILENAME
+    before = old.read_bytes() if old.is_file() else None
+    model = vocab.train_vocab_for_cache(args.cache, args.vocab_size, vocab.DATASET_VOCAB_SPLITS)
+    if before is None:
+        print(f"wrote {model}")
+    elif before == model.read_bytes():
+        print(f"wrote {model} (the same as the one it replaced)")
+    else:
+        print(f"wrote {model}, replacing a different one: models trained with that no longer match")
 
 
 def _tfds(args: argparse.Namespace) -> None:
@@ -72,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     p.add_argument("--source", required=True, help="folder holding <dataset>/<dataset>_*.json")
     p.add_argument("--out", required=True, help="cache root; writes <out>/<dataset>/")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=vocab.DATASET_VOCAB_SIZE,
+        help="most pieces of the vocabulary trained on the train split",
+    )
+    p.add_argument(
+        "--no-vocab",
+        action="store_true",
+        help="write no vocabulary (runs on the dataset then need VOCABULARY_PATH)",
+    )
     p.set_defaults(run=_prepare)
 
     p = commands.add_parser("synthetic", help="write the built-in dataset and its vocabulary")
@@ -85,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=prepare.SYNTHETIC_VOCAB_SIZE)
     p.set_defaults(run=_synthetic)
 
-    p = commands.add_parser("vocab", help="train a SentencePiece vocabulary on a cache")
+    p = commands.add_parser("vocab", help="(re)train a cache's vocabulary on its train split")
     p.add_argument("--cache", required=True, help="a canonical cache folder (<split>.jsonl)")
-    p.add_argument("--vocab-size", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=vocab.DATASET_VOCAB_SIZE)
     p.set_defaults(run=_vocab)
 
     p = commands.add_parser("tfds", help="build a cache as a TFDS dataset of TFRecord shards")

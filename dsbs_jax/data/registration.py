@@ -20,6 +20,10 @@ mixtures (one per method)
     dsbs_NAME_step_by_step_gt     gold label + rationale, paired
     dsbs_NAME_step_by_step_rates  teacher label + rationale, mixed at rates alpha : 1 - alpha
 
+Every task of NAME tokenizes with `vocabulary(NAME)`: VOCABULARY_PATH when gin sets
+it, else NAME's own `<teacher_cache_root>/NAME/spm.model` (unlabeled augmentation
+records join NAME's tasks, so they are read with NAME's vocabulary).
+
 How many examples an input gives on train: a task with a rationale gives one per
 rationale kept by `sources.rationale_selection` (one by default), and so does
 each label task paired with one, or the pairs would fall out of step. The
@@ -52,10 +56,19 @@ METRICS: dict[str, Callable] = {
 }
 METHODS = ("finetune", "distill", "single_task", "step_by_step", "step_by_step_gt")
 
-VOCABULARY = GinSentencePieceVocabulary()
+
+@functools.cache
+def vocabulary(dataset: str) -> GinSentencePieceVocabulary:
+    """The vocabulary of `dataset`'s tasks, one object per dataset."""
+    return GinSentencePieceVocabulary(dataset)
 
 
-def output_features(vocabulary: seqio.Vocabulary = VOCABULARY) -> dict[str, seqio.Feature]:
+def task_vocabulary(mixture_or_task_name: str) -> seqio.Vocabulary:
+    """The vocabulary a registered mixture's (or task's) targets are tokenized with."""
+    return seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"].vocabulary
+
+
+def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
     return {
         "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True),
         "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
@@ -100,7 +113,7 @@ def _add_task(
             seqio.CacheDatasetPlaceholder(),
             seqio.preprocessors.append_eos_after_trim,
         ],
-        output_features=output_features(),
+        output_features=output_features(vocabulary(dataset)),
         postprocess_fn=label_after_rationale if kind is TaskKind.RATIONALE_THEN_LABEL else None,
         metric_fns=[METRICS[metric]] if is_label_task else [],
     )

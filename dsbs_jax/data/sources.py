@@ -295,6 +295,10 @@ class TeacherCacheSource(seqio.DataSource):
         return self._dataset
 
     @property
+    def audience(self) -> str:
+        return self._audience
+
+    @property
     def dataset_dir(self) -> Path:
         return teacher_cache_root() / self._dataset
 

@@ -1,10 +1,15 @@
-"""Train a small SentencePiece vocabulary from a teacher cache, for fully offline runs.
+"""Train a dataset's own SentencePiece vocabulary from its teacher cache, for offline runs.
 
 The pretrained T5 vocabulary needs a download and has 32k pieces, far more than a
-tiny student trained from scratch on the synthetic task can use. This trains one
-in the id layout seqio and T5 expect (pad 0, eos 1, unk 2, no bos), with digits
-split into single pieces so every number is spelt digit by digit, the same way in
-inputs, rationales and labels.
+student trained from scratch on one dataset can use. This trains one in the id
+layout seqio and T5 expect (pad 0, eos 1, unk 2, no bos), with digits split into
+single pieces so every number is spelt digit by digit, the same way in inputs,
+rationales and labels.
+
+A real dataset's vocabulary (`write_dataset_vocab`) learns from its train split
+only, the text the student trains on, so test text never shapes it; measured on
+cqa, 8000 pieces (the corpus supports 12,726) leave no unknown piece in train or
+test and spend 42.6 tokens on a training input (40.8 at 12,726, 47.5 at 4000).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -28,6 +33,10 @@ from dsbs_jax.roles import EXPLAIN_PREFIX, PREDICT_PREFIX
 logger = logging.getLogger(__name__)
 
 VOCAB_FILENAME = "spm.model"
+# A real dataset's vocabulary size; a corpus that supports fewer pieces gets as many as it does.
+DATASET_VOCAB_SIZE = 8000
+# The splits a real dataset's vocabulary learns from.
+DATASET_VOCAB_SPLITS = ("train",)
 TASK_PREFIXES = (PREDICT_PREFIX, EXPLAIN_PREFIX)
 _SEED = 0
 _MAX_PIECE_LENGTH = 16
@@ -131,16 +140,20 @@ def train_sentencepiece(
     return model_path
 
 
-def cache_texts(cache_dir: str | os.PathLike) -> Iterator[str]:
-    """Every text a model will see from the cache, task prefixes included.
+def cache_texts(cache_dir: str | os.PathLike, splits: Sequence[str] | None = None) -> Iterator[str]:
+    """Every text a model will see from the cache's `splits` (None: all it has), task
+    prefixes included.
 
     Inputs come bare and with each task prefix, so "predict:" and "explain:" get pieces.
     """
-    splits = cache.available_splits(cache_dir)
-    if not splits:
+    present = cache.available_splits(cache_dir)
+    if not present:
         raise MissingFileError(f"no split files ({', '.join(cache.SPLITS)}) in {cache_dir}")
-    for split in splits:
-        for record in cache.iter_records(cache.split_path(cache_dir, split)):
+    for split in present if splits is None else splits:
+        path = cache.split_path(cache_dir, split)
+        if not path.is_file():
+            raise MissingFileError(f"no {split} split at {path} to train a vocabulary on")
+        for record in cache.iter_records(path):
             yield record.input
             for prefix in TASK_PREFIXES:
                 yield prefix + record.input
@@ -149,11 +162,36 @@ def cache_texts(cache_dir: str | os.PathLike) -> Iterator[str]:
             yield from record.rationales
 
 
-def train_vocab_for_cache(cache_dir: str | os.PathLike, vocab_size: int = 256) -> Path:
-    """Writes `<cache_dir>/spm.model` (and `spm.vocab`) trained on the cache's texts.
+def train_vocab_for_cache(
+    cache_dir: str | os.PathLike, vocab_size: int = 256, splits: Sequence[str] | None = None
+) -> Path:
+    """Writes `<cache_dir>/spm.model` (and `spm.vocab`) trained on the texts of `splits`
+    (None: every split the cache has, as the built-in dataset's vocabulary is trained).
 
     The synthetic task's words are so few that a unigram model runs out of useful pieces
     at about 145 (one a word, plus characters); asking for more retries at that size.
     """
     prefix = Path(cache_dir) / Path(VOCAB_FILENAME).stem
-    return train_sentencepiece(cache_texts(cache_dir), prefix, vocab_size)
+    return train_sentencepiece(cache_texts(cache_dir, splits), prefix, vocab_size)
+
+
+def write_dataset_vocab(cache_dir: str | os.PathLike, vocab_size: int = DATASET_VOCAB_SIZE) -> str:
+    """Trains the dataset's vocabulary `<cache_dir>/spm.model` on its train split unless the
+    folder has one already; returns one line saying what it did.
+
+    An existing vocabulary is kept, never replaced: the token ids of every model trained
+    with it depend on it. `python -m dsbs_jax.data vocab` replaces it on request.
+    """
+    model = Path(cache_dir) / VOCAB_FILENAME
+    if model.is_file():
+        return (
+            f"kept the existing vocabulary {model} (models trained with it depend on its ids; "
+            f"`python -m dsbs_jax.data vocab --cache {cache_dir}` retrains it)"
+        )
+    if not all(cache.split_path(cache_dir, s).is_file() for s in DATASET_VOCAB_SPLITS):
+        return (
+            f"wrote no vocabulary: {cache_dir} has no train split to learn one from "
+            "(runs on it need VOCABULARY_PATH)"
+        )
+    trained = train_vocab_for_cache(cache_dir, vocab_size, DATASET_VOCAB_SPLITS)
+    return f"wrote the vocabulary {trained}"
