@@ -16,10 +16,10 @@ import dsbs_jax.tasks  # noqa: F401  (registers the built-in datasets' tasks)
 from dsbs_jax import train as train_cli
 from dsbs_jax.data import cache, registration, vocab
 from dsbs_jax.data.__main__ import main as data_main
-from dsbs_jax.data.preprocessors import PREDICT_PREFIX, TaskKind
 from dsbs_jax.data.run_inputs import MAX_UNKNOWN_RATE, ensure_run_inputs, training_texts
 from dsbs_jax.data.vocabularies import unknown_rate
 from dsbs_jax.errors import EXIT_BAD_INPUT, MissingFileError
+from dsbs_jax.roles import PREDICT_PREFIX, TaskKind
 from tests.conftest import OFFICIAL_DATA, needs_official_data
 
 DATASET, EXTRA, BARE = "vocabtest", "vocabtest_extra", "vocabtest_bare"

@@ -63,8 +63,11 @@ def test_a_resumed_run_holds_one_training_state(trained):
         state, data = run.start_state(checkpointer)
         grown = _live_bytes() - before
     assert int(state.step) == 2 and data["step"] == 2
-    # The parameters and both AdamW moments once: nothing random was built first.
-    assert grown == tree_bytes(run.abstract_state) == tree_bytes(state)
+    # The parameters and both AdamW moments once, nothing random built first: the state's
+    # bytes, give or take a scalar that restoring leaves cached (4 bytes here).
+    state_bytes = tree_bytes(state)
+    assert state_bytes == tree_bytes(run.abstract_state)
+    assert state_bytes <= grown <= state_bytes + 16
     assert tree_bytes(state.opt_state) > 2 * tree_bytes(state.params) > 0
 
 

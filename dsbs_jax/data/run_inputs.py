@@ -18,7 +18,6 @@ import jax
 import seqio
 
 from dsbs_jax.data import cache, prepare, synthetic, vocab
-from dsbs_jax.data.preprocessors import PREDICT_PREFIX
 from dsbs_jax.data.registration import task_vocabulary
 from dsbs_jax.data.sources import (
     TEACHER,
@@ -32,6 +31,7 @@ from dsbs_jax.data.sources import (
 )
 from dsbs_jax.data.vocabularies import unknown_rate, vocabulary_file
 from dsbs_jax.errors import UserError
+from dsbs_jax.roles import PREDICT_PREFIX
 
 # The largest share of a run's training text (its pieces) the vocabulary may leave unknown.
 MAX_UNKNOWN_RATE = 0.005
