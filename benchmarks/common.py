@@ -156,13 +156,14 @@ def model_config(args: argparse.Namespace) -> Any:
     )
 
 
-def baseline_precision(args: argparse.Namespace) -> Any:
-    """The context the baseline's forward passes run in: autocast for `--baseline-dtype`."""
+def baseline_precision(args: argparse.Namespace, device_type: str = "cpu") -> Any:
+    """The context the baseline's forward passes run in: autocast for `--baseline-dtype` on
+    the device type the model is on ("cpu" or "cuda")."""
     import torch
 
     if args.baseline_dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=getattr(torch, args.baseline_dtype))
+    return torch.autocast(device_type, dtype=getattr(torch, args.baseline_dtype))
 
 
 def hf_model(config: Any, seed: int) -> Any:
