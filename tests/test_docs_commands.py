@@ -11,7 +11,6 @@ from pathlib import Path
 
 import gin
 import pytest
-
 from conftest import OFFICIAL_DATA
 
 REPO = Path(__file__).resolve().parents[1]
