@@ -41,7 +41,7 @@ from dsbs_jax import checkpoint_import, checkpoints, trainer
 from dsbs_jax.checkpoints import Checkpointer, model_dir_path
 from dsbs_jax.data.registration import task_vocabulary
 from dsbs_jax.data.run_inputs import ensure_run_inputs
-from dsbs_jax.early_stopping import MetricHistory, early_stopping
+from dsbs_jax.early_stopping import EarlyStopping, MetricHistory
 from dsbs_jax.errors import UserError
 from dsbs_jax.evaluation import SplitEvaluator, primary_metric
 from dsbs_jax.input_pipeline import train_batches
@@ -108,6 +108,7 @@ def train(
     optimizer: optax.GradientTransformation = gin.REQUIRED,
     label_evaluation: LabelEvaluation = gin.REQUIRED,
     checkpointer_cls: Callable[..., Checkpointer] = Checkpointer,
+    early_stopping: EarlyStopping | None = None,
     initial_checkpoint_path: str | None = None,
     random_seed: int = 0,
     num_microbatches: int = 1,
@@ -134,8 +135,10 @@ def train(
     (see `dsbs_jax.input_pipeline`). Only the first host writes MODEL_DIR's own files; orbax
     coordinates the checkpoint writes of all hosts. `use_hardware_rng` draws dropout masks with
     XLA's RngBitGenerator (see `trainer.dropout_key`). `checkpointer_cls` makes the
-    checkpointer (gin: `@Checkpointer`, configured by `Checkpointer.period` etc.). `check`
-    stops after the checks and prints what would run. Returns the test split's results.
+    checkpointer (gin: `@Checkpointer`, configured by `Checkpointer.period` etc.).
+    `early_stopping` (gin: `@early_stopping()`) stops training when its metric stops
+    improving. `check` stops after the checks and prints what would run. Returns the test
+    split's results.
     """
     inputs = InputSettings(
         mixture_or_task_name,
@@ -166,6 +169,7 @@ def train(
         loop,
         evals,
         initial_checkpoint_path,
+        early_stopping,
     )
     if check:
         print(run.summary())
@@ -186,6 +190,7 @@ class TrainingRun:
     evals: EvalSettings
     initial_checkpoint_path: str | None
     best_metric: str | None
+    early_stopping: EarlyStopping | None
     resume_dir: Any  # the latest checkpoint folder under MODEL_DIR, or None
     vocabulary: seqio.Vocabulary
 
@@ -201,6 +206,7 @@ class TrainingRun:
         loop: LoopSettings,
         evals: EvalSettings,
         initial_checkpoint_path: str | None,
+        early_stop: EarlyStopping | None = None,
     ) -> TrainingRun:
         """Checks the run's settings, data and MODEL_DIR; raises UserError naming the first
         problem. Writes nothing but, where the run needs it, the built-in dataset."""
@@ -210,6 +216,7 @@ class TrainingRun:
         student = Student(build_model_config(model_config, vocabulary.vocab_size), partitioner)
         _check_sizes(partitioner, inputs, loop, evals)
         resume_dir = checkpoints.latest_step_dir(model_dir)
+        best_metric = primary_metric(name, evals.eval_split, labels)
         run = cls(
             model_dir,
             student,
@@ -219,7 +226,8 @@ class TrainingRun:
             loop,
             evals,
             initial_checkpoint_path,
-            primary_metric(name, evals.eval_split, labels),
+            best_metric,
+            early_stop.watching(best_metric) if early_stop else None,
             resume_dir,
             vocabulary,
         )
@@ -310,7 +318,7 @@ class TrainingRun:
         student, partitioner = self.student, self.student.partitioner
         state, data = self.start_state(checkpointer)
         start_step = int(state.step)
-        history = MetricHistory(early_stopping(self.best_metric), data.get("metric_history", ()))
+        history = MetricHistory(self.early_stopping, data.get("metric_history", ()))
         with partitioner.activation_rules():
             evaluator = SplitEvaluator(
                 student.model,
