@@ -33,6 +33,7 @@ from typing import Any
 
 import gin
 import jax
+from gin import config as gin_config
 
 from dsbs_jax import decoding, trainer
 from dsbs_jax.errors import UserError
@@ -247,15 +248,22 @@ def compile_program(
 
 def train_settings(devices: Sequence[jax.Device]) -> dict[str, Any]:
     """`dsbs_jax.training.train`'s arguments as gin binds them, defaults filled in, with the
-    run's partitioner made over `devices` (the slice's compile-only ones)."""
+    run's partitioner made over `devices` (the slice's compile-only ones, not this host's)."""
     from dsbs_jax import training  # TensorFlow's side: imported once gin_utils.run started it
+    from dsbs_jax.partitioning import Partitioner
 
-    with gin.unlock_config():
-        gin.bind_parameter("Partitioner.devices", list(devices))
-    bound = gin.get_bindings(training.train)
+    def resolve(value: Any) -> Any:
+        if not isinstance(value, gin_config.ConfigurableReference):
+            return value
+        fn = value.scoped_configurable_fn
+        if value.configurable.wrapped is Partitioner:
+            return fn(devices=devices)
+        return fn() if value.evaluate else fn
+
+    bound = gin.get_bindings(training.train, resolve_references=False)
     settings = {}
     for name, parameter in inspect.signature(training.train).parameters.items():
-        value = bound.get(name, parameter.default)
+        value = resolve(bound.get(name, parameter.default))
         if value is gin.REQUIRED and name != "model_dir":
             raise UserError(f"train.{name} is not set; give it in a gin file or --gin.{name}")
         settings[name] = value
