@@ -10,7 +10,10 @@ The best checkpoint lives in its own manager (``max_to_keep=1``, keyed by the
 metric) so that "keep the N most recent plus the best" holds even when the best
 checkpoint is older than the N most recent. Each checkpoint holds two items:
 ``state`` (a pytree of possibly sharded ``jax.Array``: params, optimizer state,
-step) and ``data`` (a small JSON dict: the data iterator position).
+step) and ``data`` (a small JSON dict: the seed, the metric history), plus any
+further items whose handlers the Checkpointer was opened with, such as the input
+pipeline's position (`dsbs_jax.input_pipeline.TrainBatchesHandler`, which needs
+TensorFlow; this module does not import it).
 
 Saving is synchronous by default, so once ``save`` returns the checkpoint is
 complete on disk. With ``async_save`` (what training uses: runs/base.gin), ``save``
@@ -32,6 +35,7 @@ the deep orbax/tensorstore error a mismatched ``MODEL_DIR`` would otherwise give
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +69,22 @@ class IncompatibleCheckpointError(ValueError):
     """The checkpoint's tree structure or shapes do not match the model's."""
 
 
-def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
-    """Registers both items up front, so a freshly opened manager can read metadata."""
+def _handler_registry(
+    extra_handlers: Mapping[str, ocp.CheckpointHandler],
+) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """Registers every item up front, so a freshly opened manager can read metadata.
+
+    Each extra handler serves the save and restore args registered with its class
+    (`ocp.args.register_with_handler`).
+    """
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add(STATE_ITEM, ocp.args.StandardSave, ocp.handlers.StandardCheckpointHandler)
     registry.add(STATE_ITEM, ocp.args.StandardRestore, ocp.handlers.StandardCheckpointHandler)
     registry.add(DATA_ITEM, ocp.args.JsonSave, ocp.handlers.JsonCheckpointHandler)
     registry.add(DATA_ITEM, ocp.args.JsonRestore, ocp.handlers.JsonCheckpointHandler)
+    for item, handler in extra_handlers.items():
+        for args_type in ocp.args.get_registered_args_cls(handler):
+            registry.add(item, args_type, handler)
     return registry
 
 
@@ -111,7 +124,8 @@ def _mismatches(saved: dict[str, tuple[int, ...]], model: dict[str, tuple[int, .
 
 @gin.configurable
 class Checkpointer:
-    """Saves and restores (state, data) checkpoints under a t5x-style MODEL_DIR."""
+    """Saves and restores (state, data) checkpoints, and further items, under a t5x-style
+    MODEL_DIR."""
 
     def __init__(
         self,
@@ -122,6 +136,7 @@ class Checkpointer:
         best_metric: str = "valid/accuracy",
         best_mode: str = "max",
         async_save: bool = False,
+        extra_handlers: Mapping[str, ocp.CheckpointHandler] | None = None,
     ) -> None:
         """Opens (creating if needed) the managers for MODEL_DIR and MODEL_DIR/best.
 
@@ -134,11 +149,16 @@ class Checkpointer:
           best_mode: "max" or "min": whether a higher or lower metric is better.
           async_save: write in the background; call `wait_until_finished` before
             relying on the checkpoint.
+          extra_handlers: {item name: handler} of further items that `save` may write
+            (`extra`) and `restore_item` reads back.
         """
         if period < 1 or keep < 1:
             raise ValueError(f"period and keep must be >= 1, got period={period}, keep={keep}")
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        extra_handlers = dict(extra_handlers or {})
+        if extra_handlers.keys() & {STATE_ITEM, DATA_ITEM}:
+            raise ValueError(f"extra items may not be named {STATE_ITEM!r} or {DATA_ITEM!r}")
         self.model_dir = model_dir_path(model_dir)
         self.period = period
         self.best_metric = best_metric
@@ -146,7 +166,7 @@ class Checkpointer:
         self._recent = ocp.CheckpointManager(
             self.model_dir,
             options=self._options(max_to_keep=keep, async_save=async_save),
-            handler_registry=_handler_registry(),
+            handler_registry=_handler_registry(extra_handlers),
         )
         self._best: ocp.CheckpointManager | None = None
         self._best_value: float | None = None
@@ -160,7 +180,7 @@ class Checkpointer:
                     best_mode=best_mode,
                     keep_checkpoints_without_metrics=False,
                 ),
-                handler_registry=_handler_registry(),
+                handler_registry=_handler_registry(extra_handlers),
             )
             best_step = self._best.best_step()
             saved = self._best.metrics(best_step) if best_step is not None else None
@@ -198,16 +218,19 @@ class Checkpointer:
         data: dict,
         metrics: dict[str, float] | None = None,
         force: bool = False,
+        extra: Mapping[str, ocp.args.CheckpointArgs] | None = None,
     ) -> bool:
         """Saves a checkpoint when `step % period == 0` or `force`; returns whether it wrote one.
 
         Independently of the period, when `metrics` holds `best_metric` and it
         beats the best so far, the checkpoint also replaces MODEL_DIR/best. A step
-        that is already saved is not written again.
+        that is already saved is not written again. `extra` holds the save args of
+        further items (see `extra_handlers`), written into the same checkpoint.
         """
         step = int(step)
         composite = ocp.args.Composite(
-            **{STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: ocp.args.JsonSave(data)}
+            **{STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: ocp.args.JsonSave(data)},
+            **(extra or {}),
         )
         saved = False
         if (force or step % self.period == 0) and step not in self._recent.all_steps():
@@ -238,6 +261,32 @@ class Checkpointer:
         `IncompatibleCheckpointError` when the saved tree does not match it and
         `FileNotFoundError` when there is no such checkpoint.
         """
+        manager, step, which = self._saved(step, best)
+        self._check_compatible(manager, step, abstract_state, which)
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                    DATA_ITEM: ocp.args.JsonRestore(),
+                }
+            ),
+        )
+        return restored[STATE_ITEM], restored[DATA_ITEM]
+
+    def restore_item(
+        self, item: str, args: ocp.args.CheckpointArgs, step: int | None = None, best: bool = False
+    ) -> Any:
+        """Restores the further item `item` of checkpoint `step` (default as `restore`) with
+        `args`: what its handler returns, or None when that checkpoint was saved without it."""
+        manager, step, _ = self._saved(step, best)
+        if item not in manager.item_metadata(step):
+            return None
+        return manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+
+    def _saved(self, step: int | None, best: bool) -> tuple[ocp.CheckpointManager, int, str]:
+        """(manager, step, what it is called) of a saved checkpoint; `step` None: the latest,
+        or the best if `best`. Waits for pending saves; FileNotFoundError if there is none."""
         if best and self._best is None:
             raise ValueError("restore(best=True) needs a Checkpointer with keep_best=True")
         self.wait_until_finished()
@@ -251,17 +300,7 @@ class Checkpointer:
                 + (f" at step {step}" if step is not None else "")
                 + f"; saved steps: {list(manager.all_steps())}"
             )
-        self._check_compatible(manager, step, abstract_state, which)
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-                    DATA_ITEM: ocp.args.JsonRestore(),
-                }
-            ),
-        )
-        return restored[STATE_ITEM], restored[DATA_ITEM]
+        return manager, step, which
 
     def _check_compatible(
         self, manager: ocp.CheckpointManager, step: int, abstract_state: Any, which: str
