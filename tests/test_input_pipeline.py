@@ -44,10 +44,12 @@ HOSTS = {
 }
 
 
-def _batches(host: tuple, pack: bool = True, start_step: int = 0, seed: int = SEED) -> TrainBatches:
+def _batches(
+    host: tuple, pack: bool = True, start_step: int = 0, seed: int = SEED, mixture: str = MIXTURE
+) -> TrainBatches:
     shard_info, rows, batch_size = host
     return train_batches(
-        MIXTURE, LENGTHS, batch_size, shard_info, seed, pack, start_step, host_rows=rows
+        mixture, LENGTHS, batch_size, shard_info, seed, pack, start_step, host_rows=rows
     )
 
 
@@ -64,24 +66,49 @@ def _assert_equal(got: list[dict], want: list[dict]) -> None:
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"batch {step} {key}")
 
 
-@pytest.mark.parametrize("pack", [True, False], ids=["packed", "unpacked"])
-@pytest.mark.parametrize("hosts", list(HOSTS))
-def test_restored_batches_are_the_uninterrupted_ones(gin_cache_root, tmp_path, hosts, pack):
+def _assert_restores_exactly(hosts: list[tuple], directory: Path, **kwargs) -> None:
+    """Each host's pipeline, saved at SAVED_AT and restored by a new one, gives the next
+    COMPARED batches of the uninterrupted run."""
     expected = []
-    for index, host in enumerate(HOSTS[hosts]):
-        uninterrupted = _batches(host, pack)
+    for index, host in enumerate(hosts):
+        uninterrupted = _batches(host, **kwargs)
         _take(uninterrupted, SAVED_AT)
-        uninterrupted.save(tmp_path, index, len(HOSTS[hosts]))
+        uninterrupted.save(directory, index, len(hosts))
         expected.append(_take(uninterrupted, COMPARED))
-    for index, host in enumerate(HOSTS[hosts]):
-        resumed = _batches(host, pack, start_step=SAVED_AT)
-        assert resumed.restore(tmp_path, index, len(HOSTS[hosts]))
+    for index, host in enumerate(hosts):
+        resumed = _batches(host, start_step=SAVED_AT, **kwargs)
+        assert resumed.restore(directory, index, len(hosts))
         _assert_equal(_take(resumed, COMPARED), expected[index])
         assert resumed.position == SAVED_AT + COMPARED
     if len(expected) == 2:  # each host restored its own state, not the other's
         assert not np.array_equal(
             expected[0][0]["decoder_target_tokens"], expected[1][0]["decoder_target_tokens"]
         )
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "unpacked"])
+@pytest.mark.parametrize("hosts", list(HOSTS))
+def test_restored_batches_are_the_uninterrupted_ones(gin_cache_root, tmp_path, hosts, pack):
+    _assert_restores_exactly(HOSTS[hosts], tmp_path, pack=pack)
+
+
+@pytest.mark.parametrize("method", ["step_by_step_rates", "finetune", "single_task"])
+def test_other_mixtures_restore_exactly(gin_cache_root, tmp_path, method):
+    """Mixtures sampled at rates (seqio's sampling, each task shuffled on its own) and single
+    tasks, besides the paired mixture."""
+    _assert_restores_exactly(HOSTS["one"], tmp_path, mixture=f"dsbs_synthetic_{method}")
+
+
+def test_tfds_build_read_per_host_restores_exactly(gin_cache_root, tmp_path):
+    """The pod path: each host reads its own TFRecord files of the cache's TFDS build."""
+    from dsbs_jax.data import tfds_cache
+
+    tfds_cache.build_tfds(
+        gin_cache_root / "synthetic", "synthetic", tmp_path / "tfds", num_shards=2
+    )
+    with gin.unlock_config():
+        gin.bind_parameter("teacher_cache_tfds_dir.path", str(tmp_path / "tfds"))
+    _assert_restores_exactly(HOSTS["files"], tmp_path / "state")
 
 
 @pytest.fixture
