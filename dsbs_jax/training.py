@@ -27,7 +27,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gin
@@ -44,7 +44,14 @@ from dsbs_jax.data.run_inputs import ensure_run_inputs
 from dsbs_jax.early_stopping import EarlyStopping, MetricHistory
 from dsbs_jax.errors import UserError
 from dsbs_jax.evaluation import SplitEvaluator, primary_metric
-from dsbs_jax.input_pipeline import train_batches
+from dsbs_jax.input_pipeline import (
+    DATASET_ITEM,
+    TrainBatches,
+    TrainBatchesHandler,
+    TrainBatchesRestore,
+    TrainBatchesSave,
+    train_batches,
+)
 from dsbs_jax.label_prediction import LabelEvaluation
 from dsbs_jax.model_config import build_model_config
 from dsbs_jax.partitioning import Partitioner
@@ -295,7 +302,11 @@ class TrainingRun:
             self.model_dir.mkdir(parents=True, exist_ok=True)
             (self.model_dir / "config.gin").write_text(gin.config_str())
             (self.model_dir / "model-info.txt").write_text(_model_info(self.student))
-        checkpointer = checkpointer_cls(self.model_dir, best_metric=self.best_metric)
+        checkpointer = checkpointer_cls(
+            self.model_dir,
+            best_metric=self.best_metric,
+            extra_handlers={DATASET_ITEM: TrainBatchesHandler()},
+        )
         writer = MetricsWriter(self.model_dir, enabled=is_host0)
         try:
             return self._train_and_test(checkpointer, writer)
@@ -354,7 +365,7 @@ class TrainingRun:
             print(format_results(f"{split} (checkpoint {step})", results))
         return results
 
-    def host_batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    def host_batches(self, start_step: int) -> TrainBatches:
         """This host's rows of every global batch, from the whole stream or its own files."""
         inputs, partitioner = self.inputs, self.student.partitioner
         rows = partitioner.host_rows(inputs.batch_size)
@@ -423,6 +434,20 @@ class _Loop:
         self.settings = run.loop
         self.is_host0 = jax.process_index() == 0
 
+    def save(
+        self,
+        step: int,
+        state: trainer.TrainState,
+        batches: TrainBatches,
+        pending_eval: bool = False,
+        force: bool = False,
+    ) -> None:
+        """A checkpoint of `step` (periodic, or `force`), with the input position, so a resumed
+        run restores its next batch instead of replaying those before it."""
+        data = self.data(step, pending_eval)
+        extra = {DATASET_ITEM: TrainBatchesSave(batches)}
+        self.checkpointer.save(step, state, data, force=force, extra=extra)
+
     def data(self, step: int, pending_eval: bool = False) -> dict[str, Any]:
         """The checkpoint's data item: what a resumed run needs besides the arrays."""
         return {
@@ -457,6 +482,9 @@ class _Loop:
         )
         rng = trainer.dropout_key(settings.random_seed, settings.use_hardware_rng)
         batches = run.host_batches(start_step)
+        if start_step:  # the input position saved with the state, else a replay, said so
+            restore = TrainBatchesRestore(batches)
+            self.checkpointer.restore_item(DATASET_ITEM, restore, step=start_step)
         pending: list[dict[str, jax.Array]] = []
         window_start, window_step = time.perf_counter(), start_step
         last = settings.train_steps
@@ -484,13 +512,13 @@ class _Loop:
                 bar.update(1)
                 evaluates = step % settings.eval_period == 0 or step == last
                 # Saved before the evaluation, so a long one never holds up the checkpoint.
-                self.checkpointer.save(step, state, self.data(step, evaluates), force=step == last)
+                self.save(step, state, batches, pending_eval=evaluates, force=step == last)
                 if evaluates:
                     eval_start = time.perf_counter()
                     self.evaluate(step, state)
                     window_start += time.perf_counter() - eval_start  # rates count training only
                 if self.history.stop:
-                    self.checkpointer.save(step, state, self.data(step), force=True)
+                    self.save(step, state, batches, force=True)
                     if self.is_host0:
                         bar.write(
                             f"stopping early at step {step}: {self.history.rule.metric} has not "
@@ -498,7 +526,7 @@ class _Loop:
                         )
                     break
                 if preemption.reached(step):
-                    self.checkpointer.save(step, state, self.data(step), force=True)
+                    self.save(step, state, batches, force=True)
                     self.checkpointer.wait_until_finished()
                     raise Preempted(step, str(run.model_dir))
         return state

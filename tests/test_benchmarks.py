@@ -21,6 +21,7 @@ from benchmarks import (
     matmul,
     packing,
     peaks,
+    resume,
     train_throughput,
 )
 
@@ -341,6 +342,30 @@ def test_packing_raises_the_real_token_fraction(common_args, tmp_path: Path):
         for key in ("real_fraction", "real_fraction_inputs", "real_fraction_targets"):
             assert 0 < results[side][key] <= 1, (side, key)
     assert results["ours"]["real_fraction"] > results["ours_unpacked"]["real_fraction"]
+
+
+def test_resume_gets_the_uninterrupted_batches_from_the_saved_state(common_args, tmp_path: Path):
+    out = tmp_path / "resume.json"
+    resume.main(
+        [
+            *common_args,
+            "--batch-size=4",
+            "--inputs-length=64",
+            "--targets-length=64",
+            "--resume-steps=3,17",
+            "--replay-steps=5",
+            "--compare=2",
+            f"--json={out}",
+        ]
+    )
+    payload = json.loads(out.read_text())
+    assert payload["batches_equal"] is True
+    assert payload["restored"] is True  # from the saved state, not by running the batches
+    assert payload["fresh_first_batch_s"] > 0
+    assert payload["resume_first_batch_s"].keys() == {"3", "17"}
+    assert payload["replay_first_batch_s"].keys() == {"5"}
+    assert all(save["state_bytes"] > 0 for save in payload["saves"].values())
+    assert payload["machine"]["cpu_count"] > 0 and "cpu_model" in payload["machine"]
 
 
 def test_matmul_reports_every_precision_and_whether_xla_converted(tmp_path: Path):
