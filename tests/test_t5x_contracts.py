@@ -154,13 +154,21 @@ def _convert(source, out, fmt: str) -> list[str]:
     return sorted(p.name for p in out.glob("checkpoint_*"))
 
 
-def test_convert_keeps_the_source_step(tmp_path):
-    """Our run at step 20 becomes t5x's checkpoint_20 holding step 20, and ours again at 20."""
+def test_convert_keeps_the_source_step(tmp_path, capsys):
+    """Our run at step 20 becomes t5x's checkpoint_20 holding step 20, and ours again at 20;
+    convert prints the network t5x needs for it (tests/test_t5x_integration.py restores it)."""
     early, config = _random_params(seed=1)
     params, _ = _random_params(seed=2)
     _write_as_we_train(tmp_path / "run", 10, early)
     _write_as_we_train(tmp_path / "run", 20, params)
     assert _convert(tmp_path / "run", tmp_path / "t5x", "t5x") == ["checkpoint_20"]
+    network = capsys.readouterr().out.split("\n", 2)[2]
+    assert network == (
+        "network.T5Config:\n  vocab_size = 40\n  emb_dim = 32\n  num_heads = 2\n  head_dim = 8\n"
+        "  mlp_dim = 64\n  num_encoder_layers = 2\n  num_decoder_layers = 2\n"
+        "  mlp_activations = ('gelu', 'linear')\n  logits_via_embedding = False\n"
+        "  float32_attention_logits = True\n"
+    )
     stored = ocp.PyTreeCheckpointer().restore(tmp_path / "t5x" / "checkpoint_20" / "state")
     assert stored["state"]["step"] == 20
     _assert_same(stored["target"], params)
