@@ -218,7 +218,6 @@ def test_t5x_infer_eval_eval_and_infer_read_our_tasks(t5x_run):
     assert len(lines) == 24 and all("prediction" in line for line in lines)  # test.jsonl
 
 
-@pytest.mark.slow
 def test_t5x_greedy_decoding_predicts_what_ours_predicts(t5x_run, gin_cache_root):
     """t5x.infer with dsbs_t5x/greedy_decoding.gin and ours, on the same test inputs."""
     shards = t5x_run["root"] / "infer" / f"{LABEL_TASK}-predict.jsonl-?????-of-?????"
@@ -277,7 +276,6 @@ def _printed_network(printed: str) -> network.Transformer:
     return network.Transformer(network.T5Config(dtype="float32", dropout_rate=0.0, **fields))
 
 
-@pytest.mark.slow
 def test_t5x_restores_the_step_and_network_convert_gives(tmp_path, capsys):
     """Our run at step 20, converted: t5x's own restore reads step 20, every parameter, into
     the network that convert printed."""
