@@ -36,6 +36,7 @@ the deep orbax/tensorstore error a mismatched ``MODEL_DIR`` would otherwise give
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,12 @@ def step_dirs(model_dir: str | os.PathLike) -> dict[int, epath.Path]:
     if not root.is_dir():
         return {}
     return {m.step: m.path for m in _name_format().find_all(root)}
+
+
+def step_of(step_dir: str | os.PathLike) -> int | None:
+    """The step a `checkpoint_<step>` folder holds, by its name; None for another name."""
+    match = re.fullmatch(rf"{STEP_PREFIX}_(\d+)", epath.Path(step_dir).name)
+    return int(match.group(1)) if match else None
 
 
 def latest_step_dir(model_dir: str | os.PathLike) -> epath.Path | None:
@@ -137,8 +144,7 @@ def check_compatible(
         shown = problems[:_MAX_REPORTED_MISMATCHES]
         more = len(problems) - len(shown)
         raise IncompatibleCheckpointError(
-            f"{where} holds an incompatible {which} (step "
-            f"{ocp.path.step.step_from_checkpoint_name(epath.Path(step_dir).name)}): "
+            f"{where} holds an incompatible {which} (step {step_of(step_dir)}): "
             + "; ".join(shown)
             + (f"; and {more} more mismatch(es)" if more else "")
             + "; use another MODEL_DIR"

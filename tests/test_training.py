@@ -278,7 +278,7 @@ def test_incompatible_checkpoint_is_refused(gin_cache_root, tmp_path, capsys):
     assert "mlp_dim=96" in line
 
 
-RUNS_DIR = Path(__file__).parents[1] / "gin_configs" / "runs"
+RUNS_DIR = Path(__file__).parents[1] / "dsbs_jax" / "gin_configs" / "runs"
 RUN_CONFIGS = sorted(p.name for p in RUNS_DIR.glob("*.gin"))
 
 
