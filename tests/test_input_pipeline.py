@@ -210,7 +210,6 @@ def _checkpointer(model_dir: Path) -> Checkpointer:
     return Checkpointer(
         model_dir,
         period=1,
-        keep_best=False,
         async_save=True,
         extra_handlers={DATASET_ITEM: TrainBatchesHandler()},
     )

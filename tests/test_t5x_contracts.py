@@ -145,7 +145,7 @@ def test_convert_to_t5x_and_back_keeps_every_parameter(tmp_path):
 def _write_as_we_train(model_dir, step: int, params: dict) -> None:
     """A checkpoint of ours as `python -m dsbs_jax.train` saves it: the whole train state."""
     state = trainer.init_state(params, optax.adamw(1e-3)).replace(step=np.int32(step))
-    with Checkpointer(model_dir, keep_best=False) as checkpointer:
+    with Checkpointer(model_dir) as checkpointer:
         checkpointer.save(step, state, data={"step": step}, force=True)
 
 

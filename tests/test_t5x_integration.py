@@ -281,7 +281,7 @@ def test_t5x_restores_the_step_and_network_convert_gives(tmp_path, capsys):
     the network that convert printed."""
     params = _initial_params(T5Config(vocab_size=VOCAB_SIZE, dtype=np.float32, **SHARDABLE))
     state = trainer.init_state(params, optax.adamw(1e-3)).replace(step=np.int32(20))
-    with Checkpointer(tmp_path / "run", keep_best=False) as checkpointer:
+    with Checkpointer(tmp_path / "run") as checkpointer:
         checkpointer.save(20, state, data={}, force=True)
     argv = ["--from", str(tmp_path / "run"), "--to", str(tmp_path / "t5x"), "--format", "t5x"]
     assert convert.main(argv) == 0
@@ -406,7 +406,8 @@ for run in runs:
 
 
 def test_every_t5x_run_file_parses_after_t5x_finetune_or_pretrain_gin():
-    run_files = sorted(p.relative_to(REPO / "dsbs_jax" / "gin_configs").as_posix() for p in RUN_FILES)
+    configs = REPO / "dsbs_jax" / "gin_configs"
+    run_files = sorted(p.relative_to(configs).as_posix() for p in RUN_FILES)
     runs = [f"{'pretrain' if f in FROM_SCRATCH else 'finetune'}.gin:{f}" for f in run_files]
     done = subprocess.run(
         [sys.executable, "-c", PARSE_RUN_FILES, str(REPO / "dsbs_jax" / "gin_configs"), *runs],
