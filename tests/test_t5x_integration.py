@@ -39,6 +39,7 @@ from dsbs_jax import (  # noqa: E402
     checkpoint_import,
     convert,
     evaluation,
+    label_prediction,
     t5x_checkpoints,
     trainer,
 )
@@ -228,7 +229,7 @@ def test_t5x_greedy_decoding_predicts_what_ours_predicts(t5x_run, gin_cache_root
     params = checkpoint_import.load_params(str(t5x_run["final"]), config, shardings)
     task = seqio.get_mixture_or_task(LABEL_TASK)
     examples = evaluation.read_split(task, "test", LENGTHS["inputs"], LENGTHS["targets"])
-    ours = evaluation.decode_batches(
+    ours = label_prediction.decode_batches(
         T5(config),
         params,
         Partitioner(),
@@ -243,7 +244,7 @@ def test_t5x_greedy_decoding_predicts_what_ours_predicts(t5x_run, gin_cache_root
 
 def _t5x_restore(step_dir: Path, module: network.Transformer) -> train_state_lib.TrainState:
     """A checkpoint restored as t5x.eval restores it: parameters and step, no optimizer."""
-    vocabulary = registration.VOCABULARY
+    vocabulary = registration.vocabulary("synthetic")
     model = models.EncoderDecoderModel(module, vocabulary, vocabulary, adafactor.Adafactor())
     partitioner = partitioning.PjitPartitioner(num_partitions=1)
     initializer = utils.TrainStateInitializer(
