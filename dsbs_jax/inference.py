@@ -46,13 +46,13 @@ def restore_student(
 ) -> tuple[Student, PyTree | None, int]:
     """(student, parameters, step) of MODEL_DIR's "best" or "latest" checkpoint, or a step.
 
-    Checks the split's data, the checkpoint and that the gin config's model matches it first;
+    Checks the checkpoint, the split's data and that the gin config's model matches it first;
     with `check` stops there and returns no parameters.
     """
+    step, step_dir = checkpoints.checkpoint_dir(model_dir, checkpoint)
     ensure_run_inputs(mixture_or_task_name, split)
     config = build_model_config(model_config, task_vocabulary(mixture_or_task_name).vocab_size)
     student = Student(config, partitioner)
-    step, step_dir = checkpoints.checkpoint_dir(model_dir, checkpoint)
     if check:
         student.check_recorded(checkpoints.read_data(step_dir), str(step_dir))
         checkpoint_import.check_params(str(step_dir), config)
