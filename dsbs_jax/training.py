@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import sys
@@ -39,11 +40,12 @@ from tqdm import tqdm
 
 from dsbs_jax import checkpoint_import, checkpoints, trainer
 from dsbs_jax.checkpoints import Checkpointer, model_dir_path
+from dsbs_jax.data.feature_converters import step_by_step_loss_weights
 from dsbs_jax.data.registration import task_vocabulary
 from dsbs_jax.data.run_inputs import ensure_run_inputs
 from dsbs_jax.early_stopping import MetricHistory, early_stopping
 from dsbs_jax.errors import UserError
-from dsbs_jax.evaluation import SplitEvaluator, primary_metric
+from dsbs_jax.evaluation import EvalStep, SplitEvaluator, primary_metric
 from dsbs_jax.input_pipeline import train_batches
 from dsbs_jax.label_prediction import LabelEvaluation
 from dsbs_jax.model_config import build_model_config
@@ -137,40 +139,25 @@ def train(
     checkpointer (gin: `@Checkpointer`, configured by `Checkpointer.period` etc.). `check`
     stops after the checks and prints what would run. Returns the test split's results.
     """
-    inputs = InputSettings(
-        mixture_or_task_name,
-        task_feature_lengths,
-        batch_size,
-        pack,
-        use_cached,
-        shard_files_by_host,
-    )
-    loop = LoopSettings(
-        train_steps,
-        random_seed,
-        eval_period,
-        log_period,
-        num_microbatches,
-        label_smoothing,
-        z_loss,
-        use_hardware_rng,
-    )
-    evals = EvalSettings(eval_split, test_split, eval_batch_size, max_decode_length)
-    run = TrainingRun.plan(
-        model_dir_path(model_dir),
-        model_config,
-        partitioner,
-        optimizer,
-        label_evaluation,
-        inputs,
-        loop,
-        evals,
-        initial_checkpoint_path,
-    )
+    run = TrainingRun.configure(locals())
     if check:
         print(run.summary())
         return {}
     return run.execute(checkpointer_cls)
+
+
+def train_arguments() -> dict[str, Any]:
+    """`train`'s arguments as the active gin config binds them, defaults filled in: what a
+    program that plans the run without calling `train` (aot, vectorized sweeps) starts from.
+    UserError names a required one the config leaves unset."""
+    bound = gin.get_bindings(train)
+    arguments = {}
+    for name, parameter in inspect.signature(train).parameters.items():
+        value = bound.get(name, parameter.default)
+        if value is gin.REQUIRED and name != "model_dir":
+            raise UserError(f"train.{name} is not set; give it in a gin file or --gin.{name}")
+        arguments[name] = value
+    return arguments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +175,46 @@ class TrainingRun:
     best_metric: str | None
     resume_dir: Any  # the latest checkpoint folder under MODEL_DIR, or None
     vocabulary: seqio.Vocabulary
+    # {task role: loss weight} of the training and evaluation batches (ALPHA), read from gin
+    # once, when the run is planned.
+    loss_weights: Mapping[int, float]
+
+    @classmethod
+    def configure(cls, arguments: Mapping[str, Any]) -> TrainingRun:
+        """`plan` from `train`'s arguments by name (`train_arguments`)."""
+        a = arguments
+        inputs = InputSettings(
+            a["mixture_or_task_name"],
+            a["task_feature_lengths"],
+            a["batch_size"],
+            a["pack"],
+            a["use_cached"],
+            a["shard_files_by_host"],
+        )
+        loop = LoopSettings(
+            a["train_steps"],
+            a["random_seed"],
+            a["eval_period"],
+            a["log_period"],
+            a["num_microbatches"],
+            a["label_smoothing"],
+            a["z_loss"],
+            a["use_hardware_rng"],
+        )
+        evals = EvalSettings(
+            a["eval_split"], a["test_split"], a["eval_batch_size"], a["max_decode_length"]
+        )
+        return cls.plan(
+            model_dir_path(a["model_dir"]),
+            a["model_config"],
+            a["partitioner"],
+            a["optimizer"],
+            a["label_evaluation"],
+            inputs,
+            loop,
+            evals,
+            a["initial_checkpoint_path"],
+        )
 
     @classmethod
     def plan(
@@ -222,6 +249,7 @@ class TrainingRun:
             primary_metric(name, evals.eval_split, labels),
             resume_dir,
             vocabulary,
+            step_by_step_loss_weights(),
         )
         if resume_dir is not None:
             run._check_resumable()
@@ -282,18 +310,23 @@ class TrainingRun:
 
     def execute(self, checkpointer_cls: Callable[..., Checkpointer]) -> dict[str, float]:
         """Writes MODEL_DIR, trains, evaluates and tests; returns the test results."""
+        checkpointer, writer = self.open(checkpointer_cls)
+        try:
+            return self._train_and_test(checkpointer, writer)
+        finally:
+            checkpointer.close()  # waits for background saves: none outlives the program
+            writer.close()
+
+    def open(self, checkpointer_cls: Callable[..., Checkpointer]) -> tuple[Checkpointer, Any]:
+        """Writes MODEL_DIR's own files (the first host) and opens its checkpointer and its
+        metrics writer, which the caller closes."""
         is_host0 = jax.process_index() == 0
         if is_host0:
             self.model_dir.mkdir(parents=True, exist_ok=True)
             (self.model_dir / "config.gin").write_text(gin.config_str())
             (self.model_dir / "model-info.txt").write_text(_model_info(self.student))
         checkpointer = checkpointer_cls(self.model_dir, best_metric=self.best_metric)
-        writer = MetricsWriter(self.model_dir, enabled=is_host0)
-        try:
-            return self._train_and_test(checkpointer, writer)
-        finally:
-            checkpointer.close()  # waits for background saves: none outlives the program
-            writer.close()
+        return checkpointer, MetricsWriter(self.model_dir, enabled=is_host0)
 
     def start_state(self, checkpointer: Checkpointer) -> tuple[trainer.TrainState, dict]:
         """The one training state: restored into its shardings, else initialised."""
@@ -306,55 +339,79 @@ class TrainingRun:
         print(f"resuming from {self.model_dir} at step {int(state.step)}", file=sys.stderr)
         return state, data
 
+    def evaluator(self, eval_step: EvalStep | None = None) -> SplitEvaluator:
+        """The evaluator of the run's splits, with `eval_step` (None: its own jitted one);
+        call it inside `activation_rules()`."""
+        model, loop = self.student.model, self.loop
+        return SplitEvaluator(
+            model,
+            self.student.partitioner,
+            eval_step or trainer.jit_eval_step(model, loop.label_smoothing, loop.z_loss),
+            self.inputs.mixture_or_task_name,
+            self.inputs.task_feature_lengths,
+            self.evals.batch_size,
+            self.evals.max_decode_length,
+            self.labels,
+            self.loss_weights,
+        )
+
+    def history(self, data: Mapping[str, Any]) -> MetricHistory:
+        """The early-stopping rule (gin) and the metric's values a checkpoint's data recorded."""
+        return MetricHistory(early_stopping(self.best_metric), data.get("metric_history", ()))
+
     def _train_and_test(self, checkpointer: Checkpointer, writer: MetricsWriter) -> dict:
-        student, partitioner = self.student, self.student.partitioner
         state, data = self.start_state(checkpointer)
         start_step = int(state.step)
-        history = MetricHistory(early_stopping(self.best_metric), data.get("metric_history", ()))
-        with partitioner.activation_rules():
-            evaluator = SplitEvaluator(
-                student.model,
-                partitioner,
-                trainer.jit_eval_step(student.model, self.loop.label_smoothing, self.loop.z_loss),
-                self.inputs.mixture_or_task_name,
-                self.inputs.task_feature_lengths,
-                self.evals.batch_size,
-                self.evals.max_decode_length,
-                self.labels,
-            )
-            loop = _Loop(self, evaluator, checkpointer, writer, history)
+        with self.student.partitioner.activation_rules():
+            evaluator = self.evaluator()
+            loop = RunLoop(self, evaluator, checkpointer, writer, self.history(data))
             if data.get("pending_eval"):  # saved before its evaluation, which did not finish
                 loop.evaluate(start_step, state)
-            if history.stop:
+            if loop.history.stop:
                 print(f"{self.model_dir} stopped early at step {start_step}", file=sys.stderr)
             elif start_step < self.loop.train_steps:
                 state = loop.run(state, start_step)
             else:
                 print(f"{self.model_dir} is already trained to step {start_step}", file=sys.stderr)
-            if not self.evals.test_split:
-                return {}
             checkpointer.wait_until_finished()
             del state  # the test needs only the best checkpoint's parameters
-            step, step_dir = checkpoints.checkpoint_dir(self.model_dir, "best")
-            results = evaluator(student.restore_params(step_dir), self.evals.test_split)
+            return self.test(evaluator, writer)
+
+    def test(
+        self, evaluator: SplitEvaluator, writer: MetricsWriter, name: str = ""
+    ) -> dict[str, float]:
+        """Tests the best checkpoint on `test_split` and writes `test_results.json`; call it
+        inside `activation_rules()` once the checkpoints are written. `name` heads what it
+        prints."""
         split = self.evals.test_split
+        if not split:
+            return {}
+        step, step_dir = checkpoints.checkpoint_dir(self.model_dir, "best")
+        results = evaluator(self.student.restore_params(step_dir), split)
         writer.write(step, f"test_{split}", results)
         if jax.process_index() == 0:
             (self.model_dir / "test_results.json").write_text(
                 json.dumps({"step": step, **results}, indent=2) + "\n"
             )
-            print(format_results(f"{split} (checkpoint {step})", results))
+            title = f"{split} (checkpoint {step})"
+            print(format_results(f"{name}: {title}" if name else title, results))
         return results
 
-    def host_batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-        """This host's rows of every global batch, from the whole stream or its own files."""
+    def host_batches(
+        self, start_step: int, every_row: bool = False
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """This host's rows of every global batch, from the whole stream or its own files;
+        with `every_row`, every row of every batch, from the whole stream (a vectorized sweep
+        places the rows itself)."""
         inputs, partitioner = self.inputs, self.student.partitioner
         rows = partitioner.host_rows(inputs.batch_size)
-        if inputs.shard_files_by_host:
+        if every_row:
+            shard_info, batch_rows, host_rows = seqio.ShardInfo(0, 1), inputs.batch_size, None
+        elif inputs.shard_files_by_host:
             shard_info, batch_rows, host_rows = partitioner.data_shard_info(), len(rows), None
         else:
             shard_info, batch_rows, host_rows = seqio.ShardInfo(0, 1), inputs.batch_size, rows
-        if jax.process_count() > 1:
+        if jax.process_count() > 1 and not every_row:
             source = f"file shard {shard_info.index}" if inputs.shard_files_by_host else "all"
             print(
                 f"host {jax.process_index()} of {jax.process_count()} reads {source} files and "
@@ -372,6 +429,7 @@ class TrainingRun:
             start_step,
             inputs.use_cached,
             host_rows,
+            self.loss_weights,
         )
 
 
@@ -399,8 +457,11 @@ def _check_sizes(
         )
 
 
-class _Loop:
-    """The training loop of one run, from a start step to the end or to a preemption."""
+class RunLoop:
+    """One run's side of a training loop: logging, checkpoints, evaluations, early stopping;
+    and the loop itself for a run alone, from a start step to the end or to a preemption.
+    A vectorized sweep (`dsbs_jax.vectorized`) keeps one per run of its program, each
+    `name`d in what it prints."""
 
     def __init__(
         self,
@@ -409,11 +470,13 @@ class _Loop:
         checkpointer: Checkpointer,
         writer: MetricsWriter,
         history: MetricHistory,
+        name: str = "",
     ) -> None:
         self.run_, self.evaluator, self.checkpointer = run, evaluator, checkpointer
         self.writer, self.history = writer, history
         self.settings = run.loop
         self.is_host0 = jax.process_index() == 0
+        self.prefix = f"{name}: " if name else ""
 
     def data(self, step: int, pending_eval: bool = False) -> dict[str, Any]:
         """The checkpoint's data item: what a resumed run needs besides the arrays."""
@@ -430,10 +493,54 @@ class _Loop:
         results = self.evaluator(state.params, split)
         self.writer.write(step, "training_eval", results)
         if self.is_host0:  # tqdm.write prints even when the bar is off
-            tqdm.write(format_results(f"{split} at step {step}", results))
+            tqdm.write(format_results(f"{self.prefix}{split} at step {step}", results))
         self.history.add(results)
         self.checkpointer.save_best(step, state, self.data(step), results)
         return results
+
+    def log(
+        self, step: int, pending: Sequence[Mapping[str, np.ndarray]], steps: int, since: float
+    ) -> dict[str, float]:
+        """Writes the means of the metrics of the steps up to `step` and the rates of the
+        last `steps` steps, timed from `since`; returns them."""
+        logged = _mean_metrics(pending, step - len(pending) + 1)
+        logged.update(_throughput(logged, steps, since, self.run_.inputs.batch_size))
+        self.writer.write(step, "train", logged)
+        return logged
+
+    def needs_state(self, step: int) -> bool:
+        """Whether `after_step` saves or evaluates after `step`."""
+        last = self.settings.train_steps
+        return (
+            step % self.settings.eval_period == 0
+            or step == last
+            or step % self.checkpointer.period == 0
+        )
+
+    def after_step(self, step: int, state: trainer.TrainState) -> float:
+        """Saves and evaluates after `step` when `needs_state(step)`, and saves where it stops
+        early; returns the seconds spent evaluating."""
+        last = self.settings.train_steps
+        evaluates = step % self.settings.eval_period == 0 or step == last
+        # Saved before the evaluation, so a long one never holds up the checkpoint.
+        self.checkpointer.save(step, state, self.data(step, evaluates), force=step == last)
+        if not evaluates:
+            return 0.0
+        eval_start = time.perf_counter()
+        self.evaluate(step, state)
+        seconds = time.perf_counter() - eval_start
+        if self.history.stop:
+            self.save_now(step, state)
+            if self.is_host0:
+                tqdm.write(
+                    f"{self.prefix}stopping early at step {step}: {self.history.rule.metric} has "
+                    f"not improved over the last {self.history.rule.patience} evaluations"
+                )
+        return seconds
+
+    def save_now(self, step: int, state: trainer.TrainState) -> None:
+        """Saves `step` whatever the period (a stop or a preemption)."""
+        self.checkpointer.save(step, state, self.data(step), force=True)
 
     def run(self, state: trainer.TrainState, start_step: int) -> trainer.TrainState:
         run, settings = self.run_, self.settings
@@ -462,11 +569,9 @@ class _Loop:
                 state, metrics = train_step(state, partitioner.shard_batch(next(batches)), rng)
                 pending.append(metrics)
                 if step % settings.log_period == 0 or step == last:
-                    logged = _mean_metrics(jax.device_get(pending), step - len(pending) + 1)
-                    logged.update(
-                        _throughput(logged, step - window_step, window_start, run.inputs.batch_size)
+                    logged = self.log(
+                        step, jax.device_get(pending), step - window_step, window_start
                     )
-                    self.writer.write(step, "train", logged)
                     bar.set_postfix(
                         loss=f"{logged['loss']:.4f}",
                         ex_per_s=f"{logged['examples_per_second']:.1f}",
@@ -474,23 +579,12 @@ class _Loop:
                     )
                     pending, window_start, window_step = [], time.perf_counter(), step
                 bar.update(1)
-                evaluates = step % settings.eval_period == 0 or step == last
-                # Saved before the evaluation, so a long one never holds up the checkpoint.
-                self.checkpointer.save(step, state, self.data(step, evaluates), force=step == last)
-                if evaluates:
-                    eval_start = time.perf_counter()
-                    self.evaluate(step, state)
-                    window_start += time.perf_counter() - eval_start  # rates count training only
+                if self.needs_state(step):
+                    window_start += self.after_step(step, state)  # rates count training only
                 if self.history.stop:
-                    self.checkpointer.save(step, state, self.data(step), force=True)
-                    if self.is_host0:
-                        bar.write(
-                            f"stopping early at step {step}: {self.history.rule.metric} has not "
-                            f"improved over the last {self.history.rule.patience} evaluations"
-                        )
                     break
                 if preemption.reached(step):
-                    self.checkpointer.save(step, state, self.data(step), force=True)
+                    self.save_now(step, state)
                     self.checkpointer.wait_until_finished()
                     raise Preempted(step, str(run.model_dir))
         return state
