@@ -156,13 +156,14 @@ def model_config(args: argparse.Namespace) -> Any:
     )
 
 
-def baseline_precision(args: argparse.Namespace) -> Any:
-    """The context the baseline's forward passes run in: autocast for `--baseline-dtype`."""
+def baseline_precision(args: argparse.Namespace, device_type: str = "cpu") -> Any:
+    """The context the baseline's forward passes run in: autocast for `--baseline-dtype` on
+    the device type the model is on ("cpu" or "cuda")."""
     import torch
 
     if args.baseline_dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=getattr(torch, args.baseline_dtype))
+    return torch.autocast(device_type, dtype=getattr(torch, args.baseline_dtype))
 
 
 def hf_model(config: Any, seed: int) -> Any:
@@ -357,9 +358,21 @@ def machine() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
     }
+
+
+def _cpu_model() -> str | None:
+    """The CPU's name as Linux reports it ("model name" in /proc/cpuinfo), else None."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return None
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return None
 
 
 def report(

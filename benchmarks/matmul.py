@@ -66,8 +66,8 @@ def _definitions(hlo_text: str) -> dict[str, tuple[str, list[int]]]:
 
 
 def _dots(hlo_text: str) -> list[tuple[list[int], str, str, list[int]]]:
-    """Every dot of compiled HLO text: (result dimensions, lhs name, rhs name, the lhs's
-    contracting dimensions)."""
+    """Every dot of compiled HLO text, and every cuBLAS call XLA:GPU made of one: (result
+    dimensions, lhs name, rhs name, the lhs's contracting dimensions)."""
     dots = []
     for result, lhs, rhs, rest in re.findall(
         r"= \w+\[([\d,]*)\]\S* dot\((%[\w.-]+), (%[\w.-]+)\)(.*)", hlo_text
@@ -77,6 +77,16 @@ def _dots(hlo_text: str) -> list[tuple[list[int], str, str, list[int]]]:
         dots.append(
             ([int(d) for d in result.split(",") if d], lhs, rhs, [int(i) for i in axes if i])
         )
+    # A cuBLAS call's result is its product (first in a tuple with its workspace), its first
+    # two operands the dot's, and its backend config keeps the dot's dimension numbers.
+    for result, lhs, rhs, rest in re.findall(
+        r"= \(?\w+\[([\d,]*)\][^=\n]*? custom-call\((%[\w.-]+), (%[\w.-]+)[^)]*\), "
+        r'custom_call_target="__cublas\$[^"]*"(.*)',
+        hlo_text,
+    ):
+        contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest)
+        axes = re.findall(r"\d+", contracting.group(1)) if contracting else []
+        dots.append(([int(d) for d in result.split(",") if d], lhs, rhs, [int(i) for i in axes]))
     return dots
 
 
@@ -87,8 +97,9 @@ def dot_operand_types(hlo_text: str) -> list[tuple[str, str]]:
 
 
 def dot_gflop(hlo_text: str) -> float:
-    """GFLOP of matrix work in compiled HLO text (2 per multiply-add): every dot's result
-    elements times its contracted size. A dot in a loop body (scanned layers) counts once."""
+    """GFLOP of matrix work in compiled HLO text (2 per multiply-add): every dot's (and cuBLAS
+    call's) result elements times its contracted size. A dot in a loop body (scanned layers)
+    counts once."""
     definitions = _definitions(hlo_text)
     flops = 0
     for result, lhs, _, contracting in _dots(hlo_text):

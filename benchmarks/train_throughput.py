@@ -19,6 +19,16 @@ over the timed batches, counted after timing, matrix work only); `matrix_gflops`
 matrix work alone on both sides (ours: the dots of the compiled step). Set them against
 `benchmarks.matmul`'s rate on the same machine.
 
+Each side runs on the accelerator its framework sees, if any: ours on `jax.devices()[0]` (a GPU
+when JAX has CUDA), the baseline on `cuda` when `torch.cuda.is_available()`; else on the CPU.
+Each side reports its `device` and `platform`, and on a chip of `benchmarks.peaks` the chip's
+published dense peak for the step's multiplies (`peak_tflops`) and `peak_fraction`, the
+matrix work's FLOP rate (`matrix_gflops`) over it.
+
+The batches come from SeqIO, which needs TensorFlow. For a host without it,
+`--write-batches FILE` builds both sides' batches here and writes them (`benchmarks.batch_file`),
+and `--batches FILE` there, with the same settings, reads them instead of building them.
+
 An example is one input with its label and its rationale; tokens are the non-padding encoder
 and target tokens; both are counted the same way on both sides. Batches are built before
 timing on both sides, so the figures are of the training step alone. Rates are medians over
@@ -29,11 +39,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common, matmul
+from benchmarks import batch_file, common, matmul, peaks
+from dsbs_jax.errors import EXIT_BAD_INPUT, UserError
 
 OFFICIAL_LENGTHS = {"inputs": 1024, "targets": 256}  # the official truncation
 FIGURES = (
@@ -46,6 +58,20 @@ FIGURES = (
     ("real_token_fraction", "", "higher"),
     ("gflops", "GFLOP/s achieved by the step", "higher"),
     ("matrix_gflops", "GFLOP/s of matrix work achieved by the step", "higher"),
+)
+# The settings that make the batches: a batch file is read only with the ones it was written with.
+BATCH_SETTINGS = (
+    "dataset",
+    "spm_vocab_size",
+    "batch_size",
+    "inputs_length",
+    "targets_length",
+    "rows",
+    "no_pack",
+    "alpha",
+    "seed",
+    "warmup",
+    "steps",
 )
 
 
@@ -77,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ours: dropout masks from XLA's RngBitGenerator (train.use_hardware_rng)",
     )
+    stored = parser.add_mutually_exclusive_group()
+    stored.add_argument(
+        "--write-batches",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="build both sides' batches (SeqIO, TensorFlow), write them to FILE (.npz) and stop",
+    )
+    stored.add_argument(
+        "--batches",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="read the batches from FILE (written by --write-batches with the same settings) "
+        "instead of building them: no TensorFlow or SeqIO needed",
+    )
     return parser
 
 
@@ -105,17 +147,14 @@ def auto_rows(mixture: str, lengths: dict[str, int], batch_size: int, seed: int)
     return max(1, round(batch_size / pairs_per_row))
 
 
-def ours(args: argparse.Namespace) -> dict[str, Any]:
-    common.quiet_tensorflow()
-    dataset = common.prepare_data(args)
-    import jax
+def ours_batches(args: argparse.Namespace, dataset: str) -> tuple[int, list[dict[str, Any]]]:
+    """Ours, from SeqIO: (packed rows a step, the batches of every step, compiling and warmup
+    steps included)."""
     import seqio
 
-    from dsbs_jax import optimizers, trainer
     from dsbs_jax.input_pipeline import train_batches
-    from dsbs_jax.partitioning import Partitioner
-    from dsbs_jax.state import Student
 
+    with_gin_alpha(args.alpha)  # the loss weights are the batches' decoder_loss_weights
     lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
     mixture = f"dsbs_{dataset}_step_by_step"
     pack = not args.no_pack
@@ -123,11 +162,96 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
         auto_rows(mixture, lengths, args.batch_size, args.seed) if pack else 2 * args.batch_size
     )
     stream = train_batches(mixture, lengths, rows, seqio.ShardInfo(0, 1), args.seed, pack)
-    batches = [next(stream) for _ in range(1 + args.warmup + args.steps)]
+    return rows, [next(stream) for _ in range(_all_steps(args))]
+
+
+def baseline_pairs(args: argparse.Namespace, dataset: str) -> list[list[batch_file.Pair]]:
+    """The baseline's, from SeqIO: each step's `--batch-size` (label, rationale) pairs."""
+    pairs = common.paired_examples(dataset, "train", OFFICIAL_LENGTHS, args.seed)
+    return [[next(pairs) for _ in range(args.batch_size)] for _ in range(_all_steps(args))]
+
+
+def _all_steps(args: argparse.Namespace) -> int:
+    """Steps a side runs: the first (compiling) step, the warmup steps and the timed ones."""
+    return 1 + args.warmup + args.steps
+
+
+def batch_meta(args: argparse.Namespace, dataset: str, rows: int) -> dict[str, Any]:
+    """What a batch file records besides its batches: the settings that made them, the
+    dataset they are of (the synthetic one when cqa was asked for and absent), ours' rows."""
+    return {
+        "settings": {name: getattr(args, name) for name in BATCH_SETTINGS},
+        "dataset": dataset,
+        "rows": rows,
+    }
+
+
+def write_batches(args: argparse.Namespace) -> int:
+    """`--write-batches`: both sides' batches, built as the sides build them, written to the
+    file; returns its size in bytes."""
+    common.quiet_tensorflow()
+    dataset = common.prepare_data(args)
+    rows, ours_steps = ours_batches(args, dataset)
+    baseline_steps = baseline_pairs(args, dataset)
+    size = batch_file.write(
+        args.write_batches, batch_meta(args, dataset, rows), ours_steps, baseline_steps
+    )
+    print(
+        f"wrote {args.write_batches}: {size / 2**20:.2f} MiB ({size} bytes), "
+        f"{len(ours_steps)} steps of both sides' batches",
+        flush=True,
+    )
+    return size
+
+
+def read_batches(args: argparse.Namespace) -> batch_file.Batches:
+    """`--batches`: the file's batches, if it was written with this run's settings."""
+    stored = batch_file.read(args.batches)
+    written = stored.meta["settings"]
+    differ = [name for name in BATCH_SETTINGS if written.get(name) != getattr(args, name)]
+    if differ:
+        flags = ", ".join(_flag(name, written.get(name)) for name in differ)
+        raise UserError(
+            f"{args.batches} was written with {flags}: run with those settings, or write "
+            "batches for these ones with --write-batches"
+        )
+    return stored
+
+
+def _flag(name: str, value: Any) -> str:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"{flag} {value}"
+
+
+def _on_device(name: str, platform: str, precision: str) -> dict[str, Any]:
+    """Where a side ran and, on a chip of the peak table, its peak for the step's multiplies."""
+    peak = peaks.peak_tflops(name, precision)
+    if peak is None:
+        return {"device": name, "platform": platform}
+    return {"device": name, "platform": platform, "peak_tflops": peak, "peak_precision": precision}
+
+
+def ours(args: argparse.Namespace) -> dict[str, Any]:
+    if args.batches:
+        stored = read_batches(args)
+        dataset, rows, batches = stored.meta["dataset"], stored.meta["rows"], stored.ours
+    else:
+        common.quiet_tensorflow()
+        dataset = common.prepare_data(args)
+        rows, batches = ours_batches(args, dataset)
+    import jax
+
+    from dsbs_jax import optimizers, trainer
+    from dsbs_jax.partitioning import Partitioner
+    from dsbs_jax.state import Student
+
+    pack = not args.no_pack
     rss_before = common.current_rss_mib()
 
-    with_gin_alpha(args.alpha)
-    student = Student(common.model_config(args), Partitioner())
+    device = jax.devices()[0]  # JAX's first device: a GPU when JAX has CUDA
+    student = Student(common.model_config(args), Partitioner(devices=[device]))
     partitioner = student.partitioner
     optimizer = optimizers.make_optimizer(10_000)
     state = student.init_train_state(optimizer, args.seed)
@@ -173,8 +297,20 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
         xla_temp_mib=_temp_mib(compiled),
         gflop_per_step=_xla_gflop(compiled),
         matrix_gflop_per_step=matmul.dot_gflop(compiled.as_text()),
+        **_on_device(device.device_kind, device.platform, _jax_precision(args.dtype)),
         **profile,
     )
+
+
+def _jax_precision(dtype: str) -> str:
+    """The peak ours' multiplies run at (`benchmarks.peaks`): JAX's default matmul precision
+    multiplies float32 as TF32 on NVIDIA GPUs; "highest" or "float32" asks for float32."""
+    import jax
+
+    if dtype == "bfloat16":
+        return "bfloat16"
+    full = jax.config.jax_default_matmul_precision in ("highest", "float32")
+    return "float32" if full else "tf32"
 
 
 def _profile(compiled: Any, state: Any, batch: Any, rng: Any, trace_dir: Path) -> dict[str, Any]:
@@ -235,17 +371,21 @@ def _temp_mib(compiled: Any) -> float | None:
 
 
 def baseline(args: argparse.Namespace) -> dict[str, Any]:
-    common.quiet_tensorflow()
-    dataset = common.prepare_data(args)
+    if args.batches:
+        stored = read_batches(args)
+        dataset, steps = stored.meta["dataset"], stored.baseline
+    else:
+        common.quiet_tensorflow()
+        dataset = common.prepare_data(args)
+        steps = baseline_pairs(args, dataset)
     import numpy as np
     import torch
     import transformers
 
     torch.set_num_threads(args.threads)
-    pairs = common.paired_examples(dataset, "train", OFFICIAL_LENGTHS, args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches, counts = [], []
-    for _ in range(1 + args.warmup + args.steps):
-        chunk = [next(pairs) for _ in range(args.batch_size)]
+    for chunk in steps:
         pred = _collate([label for label, _ in chunk])
         expl = _collate([rationale for _, rationale in chunk])
         batches.append({"pred": pred, "expl": expl})
@@ -254,9 +394,13 @@ def baseline(args: argparse.Namespace) -> dict[str, Any]:
         )
         slots = sum(b["input_ids"].numel() + b["labels"].numel() for b in (pred, expl))
         counts.append((float(args.batch_size), real, slots))
+    batches = [
+        {kind: {k: v.to(device) for k, v in batch[kind].items()} for kind in batch}
+        for batch in batches
+    ]
     rss_before = common.current_rss_mib()
 
-    model = common.hf_model(common.model_config(args), args.seed)
+    model = common.hf_model(common.model_config(args), args.seed).to(device)
     model.train()
     total_steps = 10_000
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0)
@@ -264,7 +408,7 @@ def baseline(args: argparse.Namespace) -> dict[str, Any]:
     alpha = args.alpha
 
     def train_step(batch: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-        with common.baseline_precision(args):
+        with common.baseline_precision(args, device.type):
             pred_outputs = model(**batch["pred"])
             expl_outputs = model(**batch["expl"])
             loss = alpha * pred_outputs.loss + (1.0 - alpha) * expl_outputs.loss
@@ -275,9 +419,19 @@ def baseline(args: argparse.Namespace) -> dict[str, Any]:
         model.zero_grad()
         return loss.detach()
 
+    def synchronize() -> None:  # a GPU runs what it was given after the call returns
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timed_step(batch: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        loss = train_step(batch)
+        synchronize()
+        return loss
+
+    synchronize()
     times = []
     for batch in batches:
-        seconds, cpu, loss = common.timed_cpu(lambda b=batch: train_step(b))
+        seconds, cpu, loss = common.timed_cpu(lambda b=batch: timed_step(b))
         times.append((seconds, cpu))
     last_loss = float(loss)
     gflop = None
@@ -295,12 +449,27 @@ def baseline(args: argparse.Namespace) -> dict[str, Any]:
         gflop_per_step=gflop,
         matrix_gflop_per_step=gflop,  # FlopCounterMode counts matrix work
         torch_threads=torch.get_num_threads(),
+        **_on_device(
+            torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            device.type,
+            _torch_precision(args.baseline_dtype),
+        ),
         mean_padded_lengths=[
             float(np.mean([b[t][k].shape[1] for b in batches]))
             for t in ("pred", "expl")
             for k in ("input_ids", "labels")
         ],
     )
+
+
+def _torch_precision(dtype: str) -> str:
+    """The peak the baseline's multiplies run at (`benchmarks.peaks`): PyTorch multiplies
+    float32 in full float32 unless TF32 is allowed (float32 matmul precision below "highest")."""
+    import torch
+
+    if dtype == "bfloat16":
+        return "bfloat16"
+    return "float32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -359,6 +528,8 @@ def _summary(
         result["gflops"] = extra["gflop_per_step"] / statistics.median(timed_times)
     if extra.get("matrix_gflop_per_step"):
         result["matrix_gflops"] = extra["matrix_gflop_per_step"] / statistics.median(timed_times)
+        if extra.get("peak_tflops"):  # the chip's share that the step's matrix work uses
+            result["peak_fraction"] = result["matrix_gflops"] / (1000 * extra["peak_tflops"])
     return {k: v for k, v in result.items() if v is not None}
 
 
@@ -366,10 +537,23 @@ SIDE_FNS = {"ours": ours, "baseline": baseline}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    ran = common.main_sides(__spec__.name, build_parser(), SIDE_FNS, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.write_batches:
+            write_batches(args)
+            return None
+        if args.batches and args.side is None:
+            read_batches(args)  # a missing or mismatched file stops here, before any side
+        ran = common.main_sides(__spec__.name, build_parser(), SIDE_FNS, argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
     if ran is None:
         return None
     args, results = ran
+    for side, result in results.items():
+        print(f"train {side} device: {result['device']} ({result['platform']})", flush=True)
     return common.report("train", args, results, FIGURES)
 
 

@@ -37,7 +37,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import gin
 import jax
 
 from dsbs_jax import decoding, trainer
@@ -253,12 +252,10 @@ def compile_program(
 
 def train_settings(devices: Sequence[jax.Device]) -> dict[str, Any]:
     """`dsbs_jax.training.train`'s arguments as gin binds them, defaults filled in, with the
-    run's partitioner made over `devices` (the slice's compile-only ones)."""
+    run's partitioner made over `devices` (the slice's compile-only ones, not this host's)."""
     from dsbs_jax import training  # TensorFlow's side: imported once gin_utils.run started it
 
-    with gin.unlock_config():
-        gin.bind_parameter("Partitioner.devices", list(devices))
-    return training.train_arguments()
+    return training.train_arguments(devices)
 
 
 def _sharded(spec: Mapping[str, jax.ShapeDtypeStruct], sharding: Any) -> dict[str, Any]:

@@ -250,6 +250,13 @@ def checkpoint_format(path: str) -> str:
     return _resolve(path)[0]
 
 
+def checkpoint_step(path: str) -> int | None:
+    """The training step of the t5x or our checkpoint at `path` (a MODEL_DIR: its latest), as
+    its `checkpoint_<step>` directory names it; None for Hugging Face and for other names."""
+    kind, root = _resolve(path)
+    return checkpoints.step_of(root) if kind != "hf" else None
+
+
 def check_resumable(path: str, config: T5Config) -> None:
     """Raises a one-line `CheckpointImportError` when our run at `path` cannot resume as `config`.
 

@@ -10,8 +10,11 @@ metric) so that "keep the N most recent plus the best" holds even when the best
 checkpoint is older than the N most recent. Each checkpoint holds two items:
 ``state`` (a pytree of possibly sharded ``jax.Array``: ``params``, and for a training run
 ``step`` and ``opt_state``) and ``data`` (a small JSON dict: the step, seed, metric history
-and the model's shape-fixing dimensions). Readers of this layout (`dsbs_jax.checkpoint_import`,
-`dsbs_jax.t5x_checkpoints`, evaluation) take its names and step lookup from here.
+and the model's shape-fixing dimensions), plus any further items whose handlers the
+Checkpointer was opened with, such as the input pipeline's position
+(`dsbs_jax.input_pipeline.TrainBatchesHandler`, which needs TensorFlow; this module does not
+import it). Readers of this layout (`dsbs_jax.checkpoint_import`, `dsbs_jax.t5x_checkpoints`,
+evaluation) take its names and step lookup from here.
 
 Saving is synchronous by default, so once ``save`` returns the checkpoint is
 complete on disk. With ``async_save`` (what training uses: runs/base.gin), ``save``
@@ -33,6 +36,8 @@ the deep orbax/tensorstore error a mismatched ``MODEL_DIR`` would otherwise give
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +85,12 @@ def step_dirs(model_dir: str | os.PathLike) -> dict[int, epath.Path]:
     if not root.is_dir():
         return {}
     return {m.step: m.path for m in _name_format().find_all(root)}
+
+
+def step_of(step_dir: str | os.PathLike) -> int | None:
+    """The step a `checkpoint_<step>` folder holds, by its name; None for another name."""
+    match = re.fullmatch(rf"{STEP_PREFIX}_(\d+)", epath.Path(step_dir).name)
+    return int(match.group(1)) if match else None
 
 
 def latest_step_dir(model_dir: str | os.PathLike) -> epath.Path | None:
@@ -133,8 +144,7 @@ def check_compatible(
         shown = problems[:_MAX_REPORTED_MISMATCHES]
         more = len(problems) - len(shown)
         raise IncompatibleCheckpointError(
-            f"{where} holds an incompatible {which} (step "
-            f"{ocp.path.step.step_from_checkpoint_name(epath.Path(step_dir).name)}): "
+            f"{where} holds an incompatible {which} (step {step_of(step_dir)}): "
             + "; ".join(shown)
             + (f"; and {more} more mismatch(es)" if more else "")
             + "; use another MODEL_DIR"
@@ -153,19 +163,31 @@ class IncompatibleCheckpointError(UserError):
     """The checkpoint's tree structure or shapes do not match the model's."""
 
 
-def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
-    """Registers both items up front, so a freshly opened manager can read metadata."""
+def _handler_registry(
+    extra_handlers: Mapping[str, ocp.CheckpointHandler],
+) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """Registers every item up front, so a freshly opened manager can read metadata.
+
+    Each extra handler serves the save and restore args registered with its class
+    (`ocp.args.register_with_handler`).
+    """
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add(STATE_ITEM, ocp.args.StandardSave, ocp.handlers.StandardCheckpointHandler)
     registry.add(STATE_ITEM, ocp.args.StandardRestore, ocp.handlers.StandardCheckpointHandler)
     registry.add(DATA_ITEM, ocp.args.JsonSave, ocp.handlers.JsonCheckpointHandler)
     registry.add(DATA_ITEM, ocp.args.JsonRestore, ocp.handlers.JsonCheckpointHandler)
+    for item, handler in extra_handlers.items():
+        for args_type in ocp.args.get_registered_args_cls(handler):
+            registry.add(item, args_type, handler)
     return registry
 
 
-def _composite(state: Any, data: dict) -> ocp.args.Composite:
+def _composite(
+    state: Any, data: dict, extra: Mapping[str, ocp.args.CheckpointArgs] | None = None
+) -> ocp.args.Composite:
     return ocp.args.Composite(
-        **{STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: ocp.args.JsonSave(data)}
+        **{STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: ocp.args.JsonSave(data)},
+        **(extra or {}),
     )
 
 
@@ -215,6 +237,7 @@ class Checkpointer:
         keep: int = 3,
         best_mode: str = "max",
         async_save: bool = False,
+        extra_handlers: Mapping[str, ocp.CheckpointHandler] | None = None,
     ) -> None:
         """Opens (creating if needed) the managers for MODEL_DIR and MODEL_DIR/best.
 
@@ -227,6 +250,8 @@ class Checkpointer:
           best_mode: "max" or "min": whether a higher or lower metric is better.
           async_save: write in the background; call `wait_until_finished` before
             relying on the checkpoint.
+          extra_handlers: {item name: orbax handler} of further items that `save(extra=...)`
+            writes into the recent checkpoints and `restore_item` reads.
         """
         if period < 1 or keep < 1:
             raise UserError(
@@ -235,6 +260,9 @@ class Checkpointer:
             )
         if best_mode not in ("max", "min"):
             raise UserError(f"Checkpointer.best_mode must be 'max' or 'min', got {best_mode!r}")
+        extra_handlers = dict(extra_handlers or {})
+        if extra_handlers.keys() & {STATE_ITEM, DATA_ITEM}:
+            raise ValueError(f"extra items may not be named {STATE_ITEM!r} or {DATA_ITEM!r}")
         self.model_dir = model_dir_path(model_dir)
         self.period = period
         self.best_metric = best_metric
@@ -242,7 +270,7 @@ class Checkpointer:
         self._recent = ocp.CheckpointManager(
             self.model_dir,
             options=self._options(max_to_keep=keep, async_save=async_save),
-            handler_registry=_handler_registry(),
+            handler_registry=_handler_registry(extra_handlers),
         )
         self._best: ocp.CheckpointManager | None = None
         self._best_value: float | None = None
@@ -256,7 +284,7 @@ class Checkpointer:
                     best_mode=best_mode,
                     keep_checkpoints_without_metrics=False,
                 ),
-                handler_registry=_handler_registry(),
+                handler_registry=_handler_registry(extra_handlers),
             )
             best_step = self._best.best_step()
             saved = self._best.metrics(best_step) if best_step is not None else None
@@ -287,19 +315,28 @@ class Checkpointer:
             return value > self._best_value
         return value < self._best_value
 
-    def save(self, step: int, state: Any, data: dict, force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data: dict,
+        force: bool = False,
+        extra: Mapping[str, ocp.args.CheckpointArgs] | None = None,
+    ) -> bool:
         """Saves a checkpoint when `step % period == 0` or `force`; returns whether it wrote one.
 
-        A step that is already saved is not written again.
+        A step that is already saved is not written again. `extra` holds the save args of
+        further items (see `extra_handlers`), written into the same checkpoint.
         """
         step = int(step)
         if not (force or step % self.period == 0) or step in self._recent.all_steps():
             return False
-        return self._recent.save(step, args=_composite(state, data), force=True)
+        return self._recent.save(step, args=_composite(state, data, extra), force=True)
 
     def save_best(self, step: int, state: Any, data: dict, metrics: dict[str, float]) -> bool:
         """Makes this checkpoint MODEL_DIR/best when `metrics[best_metric]` beats the best so
-        far; returns whether it did."""
+        far; returns whether it did. The best checkpoint is for evaluation, so it holds only
+        the state and data items."""
         if self._best is None or self.best_metric not in metrics:
             return False
         value = float(metrics[self.best_metric])
@@ -327,21 +364,9 @@ class Checkpointer:
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` whose `.sharding`
         and dtype say where and how each array lands. Raises
         `IncompatibleCheckpointError` when the saved tree does not match it and
-        `FileNotFoundError` when there is no such checkpoint.
+        `MissingFileError` when there is no such checkpoint.
         """
-        if best and self._best is None:
-            raise ValueError("restore(best=True) needs a Checkpointer with a best_metric")
-        self.wait_until_finished()
-        manager = self._best if best else self._recent
-        if step is None:
-            step = manager.best_step() if best else manager.latest_step()
-        which = "best checkpoint" if best else "checkpoint"
-        if step is None or step not in manager.all_steps():
-            raise MissingFileError(
-                f"MODEL_DIR {self.model_dir} has no {which}"
-                + (f" at step {step}" if step is not None else "")
-                + f"; saved steps: {list(manager.all_steps())}"
-            )
+        manager, step, which = self._saved(step, best)
         check_compatible(
             step_dirs(manager.directory)[step], abstract_state, f"MODEL_DIR {self.model_dir}", which
         )
@@ -355,6 +380,34 @@ class Checkpointer:
             ),
         )
         return restored[STATE_ITEM], restored[DATA_ITEM]
+
+    def restore_item(
+        self, item: str, args: ocp.args.CheckpointArgs, step: int | None = None, best: bool = False
+    ) -> Any:
+        """Restores the further item `item` of checkpoint `step` (default as `restore`) with
+        `args`: what its handler returns, or None when that checkpoint was saved without it."""
+        manager, step, _ = self._saved(step, best)
+        if item not in manager.item_metadata(step):
+            return None
+        return manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+
+    def _saved(self, step: int | None, best: bool) -> tuple[ocp.CheckpointManager, int, str]:
+        """(manager, step, what it is called) of a saved checkpoint; `step` None: the latest,
+        or the best if `best`. Waits for pending saves; MissingFileError if there is none."""
+        if best and self._best is None:
+            raise ValueError("restore(best=True) needs a Checkpointer with a best_metric")
+        self.wait_until_finished()
+        manager = self._best if best else self._recent
+        if step is None:
+            step = manager.best_step() if best else manager.latest_step()
+        which = "best checkpoint" if best else "checkpoint"
+        if step is None or step not in manager.all_steps():
+            raise MissingFileError(
+                f"MODEL_DIR {self.model_dir} has no {which}"
+                + (f" at step {step}" if step is not None else "")
+                + f"; saved steps: {list(manager.all_steps())}"
+            )
+        return manager, step, which
 
     def wait_until_finished(self) -> None:
         """Blocks until any background save has been committed."""

@@ -3,13 +3,18 @@
     python -m dsbs_jax.convert --from PATH --to OUT_DIR --format {ours,hf,t5x}
 
 `--format ours` reads a Hugging Face T5 directory, a t5x checkpoint or one of ours and writes
-OUT_DIR as a MODEL_DIR with one checkpoint, `OUT_DIR/checkpoint_0/`, whose `state` item holds
-`{"params": ...}` only (no step, no optimizer state: a starting point, not a run to resume).
+OUT_DIR as a MODEL_DIR with one checkpoint, `OUT_DIR/checkpoint_<step>/`, whose `state` item
+holds `{"params": ...}` only (no optimizer state: a starting point, not a run to resume).
 `--format hf` writes `config.json` + `model.safetensors` that
 `transformers.T5ForConditionalGeneration.from_pretrained(OUT_DIR)` loads. `--format t5x` writes
-OUT_DIR as a t5x MODEL_DIR, `OUT_DIR/checkpoint_0/state/` in t5x's orbax layout (parameters and
-step, no optimizer state), which t5x's finetune.gin restores as INITIAL_CHECKPOINT_PATH and
-t5x.eval as CHECKPOINT_PATH (see docs/t5x.md).
+OUT_DIR as a t5x MODEL_DIR, `OUT_DIR/checkpoint_<step>/state/` in t5x's orbax layout (parameters
+and step, no optimizer state), which t5x's finetune.gin restores as INITIAL_CHECKPOINT_PATH and
+t5x.eval as CHECKPOINT_PATH (see docs/t5x.md), and prints the `network.T5Config` gin block
+that t5x's T5 network needs to hold it (t5x's model gins say vocab_size 32128, for one).
+
+The step is the source's: a t5x or our checkpoint at step N (its `checkpoint_N` directory, or a
+MODEL_DIR's latest) becomes `checkpoint_N`, so t5x resumes counting from N; a Hugging Face
+directory has no step and becomes `checkpoint_0`.
 
 A t5x checkpoint read here is either format t5x writes: orbax (`checkpoint_<step>/state/`,
 current t5x) or legacy msgpack + TensorStore (the public gs://t5-data checkpoints).
@@ -29,7 +34,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from dsbs_jax import checkpoint_import, t5x_checkpoints
-from dsbs_jax.checkpoints import PARAMS_KEY, Checkpointer
+from dsbs_jax.checkpoints import PARAMS_KEY, STEP_PREFIX, Checkpointer
 from dsbs_jax.errors import UserError
 from dsbs_jax.models.t5 import PRESETS, T5Config, get_config
 from dsbs_jax.partitioning import Partitioner
@@ -69,17 +74,19 @@ def source_config(source: str, preset: str | None, vocab_size: int | None) -> T5
 
 
 def convert(source: str, out_dir: str, fmt: str, config: T5Config) -> Path:
-    """Loads `source` into `config`'s parameters and writes them to `out_dir` as `fmt`."""
+    """Loads `source` into `config`'s parameters and writes them to `out_dir` as `fmt`, at the
+    source's step (0 without one)."""
     student = Student(config, Partitioner())
     params = checkpoint_import.load_params(source, config, student.param_shardings)
     if fmt == "hf":
         return checkpoint_import.export_hf(params, config, out_dir)
+    step = checkpoint_import.checkpoint_step(source) or 0
     if fmt == "t5x":
-        return t5x_checkpoints.write_t5x_checkpoint(params, out_dir)
+        return t5x_checkpoints.write_t5x_checkpoint(params, out_dir, step)
     with Checkpointer(out_dir) as checkpointer:
         # The model's dimensions go with it, so eval names a config that does not match.
-        checkpointer.save(0, {PARAMS_KEY: params}, student.record(), force=True)
-    return Path(out_dir) / "checkpoint_0"
+        checkpointer.save(step, {PARAMS_KEY: params}, student.record(), force=True)
+    return Path(out_dir) / f"{STEP_PREFIX}_{step}"
 
 
 def _check_out_dir(out_dir: str) -> None:
@@ -98,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dsbs_jax.convert: error: {error}", file=sys.stderr)
         return _USAGE_ERROR
     print(f"wrote {written} ({args.format} format)")
+    if args.format == "t5x":
+        print("t5x's network for it, after t5x's model gin (docs/t5x.md):")
+        print(t5x_checkpoints.network_gin(config))
     return 0
 
 

@@ -20,11 +20,21 @@ from dsbs_jax.errors import UserError
 class EarlyStopping:
     """The rule; `metric` is the key it watches in the evaluation results."""
 
-    metric: str
+    metric: str | None  # None: the metric that picks the best checkpoint (see `watching`)
     patience: int
     mode: str = "max"
     atol: float = 0.0
     rtol: float = 0.0
+
+    def watching(self, default_metric: str | None) -> EarlyStopping:
+        """The rule with its metric named: its own, else `default_metric`."""
+        metric = self.metric or default_metric
+        if metric is None:
+            raise UserError(
+                "early_stopping has no metric to watch (the mixture has no label task): set "
+                "early_stopping.metric, e.g. 'validation/loss' with mode 'min'"
+            )
+        return dataclasses.replace(self, metric=metric)
 
     def improved(self, current: float, previous: float) -> bool:
         delta = self.atol + self.rtol * abs(previous)
@@ -42,7 +52,6 @@ class EarlyStopping:
 
 @gin.configurable
 def early_stopping(
-    default_metric: str | None,
     patience: int | None = None,
     metric: str | None = None,
     mode: str = "max",
@@ -51,11 +60,10 @@ def early_stopping(
 ) -> EarlyStopping | None:
     """The run's early stopping rule (gin: `early_stopping.patience = 5`), or None when off.
 
-    It watches `metric`, by default the validation metric that picks the best checkpoint
-    (`default_metric`); gin may name another, e.g. "validation/loss" with mode "min".
+    It watches `metric`, by default (None) the validation metric that picks the best
+    checkpoint; gin may name another, e.g. "validation/loss" with mode "min".
     """
-    metric = metric or default_metric
-    if patience is None or metric is None:
+    if patience is None:
         return None
     if patience < 1 or mode not in ("min", "max") or atol < 0 or rtol < 0:
         raise UserError(

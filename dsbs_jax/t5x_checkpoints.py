@@ -16,14 +16,33 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 # t5x's OrbaxCheckpointManagerInterface writes the item and step folders that ours have.
 from dsbs_jax.checkpoints import PARAMS_KEY, STATE_ITEM, STEP_PREFIX
 
+if TYPE_CHECKING:
+    from dsbs_jax.models.t5 import T5Config
+
 T5X_PARAMS = "target"
+# The fields of t5x's `network.T5Config` (t5x/examples/t5/network.py) that must equal ours for
+# its T5 to hold our parameters and compute what ours computes; t5x's model gins set other
+# values (vocab_size 32128, float32_attention_logits False). dtype and dropout_rate are the
+# run's choice, not the checkpoint's.
+NETWORK_FIELDS = (
+    "vocab_size",
+    "emb_dim",
+    "num_heads",
+    "head_dim",
+    "mlp_dim",
+    "num_encoder_layers",
+    "num_decoder_layers",
+    "mlp_activations",
+    "logits_via_embedding",
+    "float32_attention_logits",
+)
 
 
 def params_key(tree: Mapping[str, Any]) -> str | None:
@@ -51,3 +70,10 @@ def write_t5x_checkpoint(params: Any, model_dir: str | Path, step: int = 0) -> P
         manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeSave(state)}))
         manager.wait_until_finished()
     return Path(model_dir) / f"{STEP_PREFIX}_{step}"
+
+
+def network_gin(config: T5Config) -> str:
+    """The gin block that makes t5x's `network.T5Config` the network of `config`'s parameters,
+    for a gin file (or `--gin.network.T5Config.<field>=` flags) after t5x's model gin."""
+    fields = [f"  {name} = {getattr(config, name)!r}" for name in NETWORK_FIELDS]
+    return "\n".join(["network.T5Config:", *fields])

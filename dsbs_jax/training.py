@@ -28,7 +28,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gin
@@ -36,6 +36,7 @@ import jax
 import numpy as np
 import optax
 import seqio
+from gin import config as gin_config
 from tqdm import tqdm
 
 from dsbs_jax import checkpoint_import, checkpoints, trainer
@@ -43,10 +44,17 @@ from dsbs_jax.checkpoints import Checkpointer, model_dir_path
 from dsbs_jax.data.feature_converters import step_by_step_loss_weights
 from dsbs_jax.data.registration import task_vocabulary
 from dsbs_jax.data.run_inputs import ensure_run_inputs
-from dsbs_jax.early_stopping import MetricHistory, early_stopping
+from dsbs_jax.early_stopping import EarlyStopping, MetricHistory
 from dsbs_jax.errors import UserError
 from dsbs_jax.evaluation import EvalStep, SplitEvaluator, primary_metric
-from dsbs_jax.input_pipeline import train_batches
+from dsbs_jax.input_pipeline import (
+    DATASET_ITEM,
+    TrainBatches,
+    TrainBatchesHandler,
+    TrainBatchesRestore,
+    TrainBatchesSave,
+    train_batches,
+)
 from dsbs_jax.label_prediction import LabelEvaluation
 from dsbs_jax.model_config import build_model_config
 from dsbs_jax.partitioning import Partitioner
@@ -110,6 +118,7 @@ def train(
     optimizer: optax.GradientTransformation = gin.REQUIRED,
     label_evaluation: LabelEvaluation = gin.REQUIRED,
     checkpointer_cls: Callable[..., Checkpointer] = Checkpointer,
+    early_stopping: EarlyStopping | None = None,
     initial_checkpoint_path: str | None = None,
     random_seed: int = 0,
     num_microbatches: int = 1,
@@ -136,8 +145,10 @@ def train(
     (see `dsbs_jax.input_pipeline`). Only the first host writes MODEL_DIR's own files; orbax
     coordinates the checkpoint writes of all hosts. `use_hardware_rng` draws dropout masks with
     XLA's RngBitGenerator (see `trainer.dropout_key`). `checkpointer_cls` makes the
-    checkpointer (gin: `@Checkpointer`, configured by `Checkpointer.period` etc.). `check`
-    stops after the checks and prints what would run. Returns the test split's results.
+    checkpointer (gin: `@Checkpointer`, configured by `Checkpointer.period` etc.).
+    `early_stopping` (gin: `@early_stopping()`) stops training when its metric stops
+    improving. `check` stops after the checks and prints what would run. Returns the test
+    split's results.
     """
     run = TrainingRun.configure(locals())
     if check:
@@ -146,14 +157,24 @@ def train(
     return run.execute(checkpointer_cls)
 
 
-def train_arguments() -> dict[str, Any]:
+def train_arguments(devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
     """`train`'s arguments as the active gin config binds them, defaults filled in: what a
-    program that plans the run without calling `train` (aot, vectorized sweeps) starts from.
-    UserError names a required one the config leaves unset."""
-    bound = gin.get_bindings(train)
+    program that plans the run without calling `train` (aot, vectorized sweeps) starts from,
+    with the partitioner made over `devices` (None: this host's; aot: a slice's compile-only
+    ones). UserError names a required one the config leaves unset."""
+
+    def resolve(value: Any) -> Any:
+        if not isinstance(value, gin_config.ConfigurableReference):
+            return value
+        fn = value.scoped_configurable_fn
+        if devices is not None and value.configurable.wrapped is Partitioner:
+            return fn(devices=devices)
+        return fn() if value.evaluate else fn
+
+    bound = gin.get_bindings(train, resolve_references=False)
     arguments = {}
     for name, parameter in inspect.signature(train).parameters.items():
-        value = bound.get(name, parameter.default)
+        value = resolve(bound.get(name, parameter.default))
         if value is gin.REQUIRED and name != "model_dir":
             raise UserError(f"train.{name} is not set; give it in a gin file or --gin.{name}")
         arguments[name] = value
@@ -173,6 +194,7 @@ class TrainingRun:
     evals: EvalSettings
     initial_checkpoint_path: str | None
     best_metric: str | None
+    early_stopping: EarlyStopping | None
     resume_dir: Any  # the latest checkpoint folder under MODEL_DIR, or None
     vocabulary: seqio.Vocabulary
     # {task role: loss weight} of the training and evaluation batches (ALPHA), read from gin
@@ -214,6 +236,7 @@ class TrainingRun:
             loop,
             evals,
             a["initial_checkpoint_path"],
+            a["early_stopping"],
         )
 
     @classmethod
@@ -228,6 +251,7 @@ class TrainingRun:
         loop: LoopSettings,
         evals: EvalSettings,
         initial_checkpoint_path: str | None,
+        early_stop: EarlyStopping | None = None,
     ) -> TrainingRun:
         """Checks the run's settings, data and MODEL_DIR; raises UserError naming the first
         problem. Writes nothing but, where the run needs it, the built-in dataset."""
@@ -237,6 +261,7 @@ class TrainingRun:
         student = Student(build_model_config(model_config, vocabulary.vocab_size), partitioner)
         _check_sizes(partitioner, inputs, loop, evals)
         resume_dir = checkpoints.latest_step_dir(model_dir)
+        best_metric = primary_metric(name, evals.eval_split, labels)
         run = cls(
             model_dir,
             student,
@@ -246,7 +271,8 @@ class TrainingRun:
             loop,
             evals,
             initial_checkpoint_path,
-            primary_metric(name, evals.eval_split, labels),
+            best_metric,
+            early_stop.watching(best_metric) if early_stop else None,
             resume_dir,
             vocabulary,
             step_by_step_loss_weights(),
@@ -325,7 +351,11 @@ class TrainingRun:
             self.model_dir.mkdir(parents=True, exist_ok=True)
             (self.model_dir / "config.gin").write_text(gin.config_str())
             (self.model_dir / "model-info.txt").write_text(_model_info(self.student))
-        checkpointer = checkpointer_cls(self.model_dir, best_metric=self.best_metric)
+        checkpointer = checkpointer_cls(
+            self.model_dir,
+            best_metric=self.best_metric,
+            extra_handlers={DATASET_ITEM: TrainBatchesHandler()},
+        )
         return checkpointer, MetricsWriter(self.model_dir, enabled=is_host0)
 
     def start_state(self, checkpointer: Checkpointer) -> tuple[trainer.TrainState, dict]:
@@ -356,8 +386,8 @@ class TrainingRun:
         )
 
     def history(self, data: Mapping[str, Any]) -> MetricHistory:
-        """The early-stopping rule (gin) and the metric's values a checkpoint's data recorded."""
-        return MetricHistory(early_stopping(self.best_metric), data.get("metric_history", ()))
+        """The early-stopping rule and the metric's values a checkpoint's data recorded."""
+        return MetricHistory(self.early_stopping, data.get("metric_history", ()))
 
     def _train_and_test(self, checkpointer: Checkpointer, writer: MetricsWriter) -> dict:
         state, data = self.start_state(checkpointer)
@@ -397,12 +427,10 @@ class TrainingRun:
             print(format_results(f"{name}: {title}" if name else title, results))
         return results
 
-    def host_batches(
-        self, start_step: int, every_row: bool = False
-    ) -> Iterator[dict[str, np.ndarray]]:
+    def host_batches(self, start_step: int, every_row: bool = False) -> TrainBatches:
         """This host's rows of every global batch, from the whole stream or its own files;
         with `every_row`, every row of every batch, from the whole stream (a vectorized sweep
-        places the rows itself)."""
+        on several hosts places the rows itself)."""
         inputs, partitioner = self.inputs, self.student.partitioner
         rows = partitioner.host_rows(inputs.batch_size)
         if every_row:
@@ -478,6 +506,20 @@ class RunLoop:
         self.is_host0 = jax.process_index() == 0
         self.prefix = f"{name}: " if name else ""
 
+    def save(
+        self,
+        step: int,
+        state: trainer.TrainState,
+        batches: TrainBatches,
+        pending_eval: bool = False,
+        force: bool = False,
+    ) -> None:
+        """A checkpoint of `step` (periodic, or `force`), with the input position, so a resumed
+        run restores its next batch instead of replaying those before it."""
+        data = self.data(step, pending_eval)
+        extra = {DATASET_ITEM: TrainBatchesSave(batches)}
+        self.checkpointer.save(step, state, data, force=force, extra=extra)
+
     def data(self, step: int, pending_eval: bool = False) -> dict[str, Any]:
         """The checkpoint's data item: what a resumed run needs besides the arrays."""
         return {
@@ -517,20 +559,20 @@ class RunLoop:
             or step % self.checkpointer.period == 0
         )
 
-    def after_step(self, step: int, state: trainer.TrainState) -> float:
+    def after_step(self, step: int, state: trainer.TrainState, batches: TrainBatches) -> float:
         """Saves and evaluates after `step` when `needs_state(step)`, and saves where it stops
         early; returns the seconds spent evaluating."""
         last = self.settings.train_steps
         evaluates = step % self.settings.eval_period == 0 or step == last
         # Saved before the evaluation, so a long one never holds up the checkpoint.
-        self.checkpointer.save(step, state, self.data(step, evaluates), force=step == last)
+        self.save(step, state, batches, pending_eval=evaluates, force=step == last)
         if not evaluates:
             return 0.0
         eval_start = time.perf_counter()
         self.evaluate(step, state)
         seconds = time.perf_counter() - eval_start
         if self.history.stop:
-            self.save_now(step, state)
+            self.save(step, state, batches, force=True)
             if self.is_host0:
                 tqdm.write(
                     f"{self.prefix}stopping early at step {step}: {self.history.rule.metric} has "
@@ -538,9 +580,14 @@ class RunLoop:
                 )
         return seconds
 
-    def save_now(self, step: int, state: trainer.TrainState) -> None:
-        """Saves `step` whatever the period (a stop or a preemption)."""
-        self.checkpointer.save(step, state, self.data(step), force=True)
+    def batches(self, start_step: int, every_row: bool = False) -> TrainBatches:
+        """The run's batches (`TrainingRun.host_batches`) from `start_step`, at the input
+        position saved with that step's checkpoint, else replayed to it (said so)."""
+        batches = self.run_.host_batches(start_step, every_row)
+        if start_step:
+            restore = TrainBatchesRestore(batches)
+            self.checkpointer.restore_item(DATASET_ITEM, restore, step=start_step)
+        return batches
 
     def run(self, state: trainer.TrainState, start_step: int) -> trainer.TrainState:
         run, settings = self.run_, self.settings
@@ -555,7 +602,7 @@ class RunLoop:
             settings.z_loss,
         )
         rng = trainer.dropout_key(settings.random_seed, settings.use_hardware_rng)
-        batches = run.host_batches(start_step)
+        batches = self.batches(start_step)
         pending: list[dict[str, jax.Array]] = []
         window_start, window_step = time.perf_counter(), start_step
         last = settings.train_steps
@@ -580,11 +627,12 @@ class RunLoop:
                     pending, window_start, window_step = [], time.perf_counter(), step
                 bar.update(1)
                 if self.needs_state(step):
-                    window_start += self.after_step(step, state)  # rates count training only
+                    # rates count training only
+                    window_start += self.after_step(step, state, batches)
                 if self.history.stop:
                     break
                 if preemption.reached(step):
-                    self.save_now(step, state)
+                    self.save(step, state, batches, force=True)
                     self.checkpointer.wait_until_finished()
                     raise Preempted(step, str(run.model_dir))
         return state

@@ -17,9 +17,10 @@ Each run is still a run of its own:
   stopping and `test_results.json`, through the same `training.RunLoop` a run alone uses. A
   checkpoint holds the run's own slice of the stacked state, in the layout a run alone writes, so
   `eval`, `infer` and `convert` read it alone, and a run alone resumes it;
-* the runs of a group save at the same steps. A rerun after a kill resumes every unfinished run
-  of a group at the latest step they all have (a kill between their saves leaves some a save
-  ahead; they go back one and train it again, which gives the same state);
+* the runs of a group save at the same steps, each with its input position. A rerun after a
+  kill resumes every unfinished run of a group at the latest step they all have (a kill between
+  their saves leaves some a save ahead; they go back one and train it again, which gives the
+  same state);
 * a run that stops early, or whose loss becomes NaN, stops saving and evaluating, and is no
   longer logged; its slot is still computed (the program keeps its shape) and thrown away.
 
@@ -35,7 +36,7 @@ import dataclasses
 import functools
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gin
@@ -50,6 +51,7 @@ from dsbs_jax.checkpoints import Checkpointer
 from dsbs_jax.errors import UserError
 from dsbs_jax.evaluation import EvalStep
 from dsbs_jax.gin_utils import parse_gin, split_gin_flags
+from dsbs_jax.input_pipeline import TrainBatches
 from dsbs_jax.preemption import Preempted, PreemptionWatch
 from dsbs_jax.state import Student
 from dsbs_jax.training import NonFiniteLossError, RunLoop, TrainingRun, train_arguments
@@ -416,12 +418,14 @@ class _Group:
         )
         return jax.device_put(keys, self.partitioner.stacked(self.partitioner.replicated))
 
-    def _batches(self, start: int) -> dict[_Slot, Iterator[dict[str, np.ndarray]]]:
-        """Each training run's input pipeline from `start`, built under its own gin config."""
+    def _batches(self, start: int) -> dict[_Slot, TrainBatches]:
+        """Each training run's input pipeline from `start`, built under its own gin config and
+        restored to the position saved with its checkpoint. One process feeds every row, as a
+        run alone does (so its saved positions serve either); several read whole batches."""
         streams = {}
         for slot in self.active:
             slot.activate()
-            streams[slot] = slot.run.host_batches(start, every_row=True)
+            streams[slot] = slot.loop.batches(start, every_row=jax.process_count() > 1)
         return streams
 
     def _loop(self, state: trainer.TrainState, start: int) -> None:
@@ -479,14 +483,16 @@ class _Group:
                 for slot in slots:
                     if slot.training and slot.loop.needs_state(step):
                         slot.activate()  # its evaluation reads its own data
-                        window_start += slot.loop.after_step(step, self.take(state, slot.index))
+                        one = self.take(state, slot.index)
+                        window_start += slot.loop.after_step(step, one, streams[slot])
                         slot.training = not slot.loop.history.stop
                 if not any(slot.training for slot in slots):
                     break
                 if preemption.reached(step):
                     for slot in slots:
                         if slot.training:
-                            slot.loop.save_now(step, self.take(state, slot.index))
+                            one = self.take(state, slot.index)
+                            slot.loop.save(step, one, streams[slot], force=True)
                     for slot in slots:
                         slot.checkpointer.wait_until_finished()
                     raise Preempted(step, str(self.lead.model_dir.parent))

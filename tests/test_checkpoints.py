@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -233,3 +234,25 @@ def test_relative_model_dir(tmp_path: Path, mesh, monkeypatch) -> None:
         assert (ckpt.latest_step(), ckpt.best_step()) == (2, 2)
         assert_same(ckpt.restore(abstract(state))[0], state)
     assert (tmp_path / "runs" / "demo" / "checkpoint_2").is_dir()
+
+
+def test_extra_item_is_saved_with_the_checkpoint_and_optional_on_restore(tmp_path: Path, mesh):
+    """An item beyond (state, data), e.g. the input pipeline's position, registered by its
+    handler: written only when given, read back by restore_item; older checkpoints lack it."""
+    extra = {"notes": ocp.handlers.JsonCheckpointHandler()}
+    state = make_state(mesh, step=3)
+    with Checkpointer(tmp_path, period=1, extra_handlers=extra) as ckpt:
+        assert ckpt.save(3, state, {"step": 3})
+        assert ckpt.save(5, state, {"step": 5}, extra={"notes": ocp.args.JsonSave({"at": 5})})
+    with Checkpointer(tmp_path, period=1, extra_handlers=extra) as ckpt:
+        assert ckpt.restore_item("notes", ocp.args.JsonRestore()) == {"at": 5}
+        assert ckpt.restore_item("notes", ocp.args.JsonRestore(), step=3) is None
+        restored, data = ckpt.restore(abstract(state), step=3)
+        with pytest.raises(FileNotFoundError, match="has no checkpoint at step 4"):
+            ckpt.restore_item("notes", ocp.args.JsonRestore(), step=4)
+    assert_same(restored, state)
+    assert data == {"step": 3}
+    with Checkpointer(tmp_path, period=1) as ckpt:  # opened without the handler: as before
+        assert_same(ckpt.restore(abstract(state))[0], state)
+    with pytest.raises(ValueError, match="extra items may not be named 'state' or 'data'"):
+        Checkpointer(tmp_path, extra_handlers={"data": ocp.handlers.JsonCheckpointHandler()})

@@ -28,9 +28,11 @@ def test_tolerances_and_min_mode():
     assert EarlyStopping("m", 2, atol=0.1).should_stop([0.5, 0.55])
     assert not EarlyStopping("m", 2, rtol=0.05).should_stop([1.0, 1.06])
     assert EarlyStopping("loss", 2, mode="min").should_stop([1.0, 1.2])
-    assert early_stopping("valid/x") is None
+    assert early_stopping() is None
     with pytest.raises(ValueError, match="patience >= 1"):
-        early_stopping("valid/x", patience=0)
+        early_stopping(patience=0)
+    assert early_stopping(patience=2).watching("valid/x").metric == "valid/x"
+    assert early_stopping(patience=2, metric="valid/y").watching("valid/x").metric == "valid/y"
 
 
 @pytest.mark.slow

@@ -11,15 +11,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import seqio
 
+from dsbs_jax import checkpoints
 from dsbs_jax.checkpoints import Checkpointer
 from dsbs_jax.input_pipeline import train_batches
 
@@ -39,7 +44,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _flags(data_dir: Path, model_dir: Path, train_steps: int, num_partitions: int) -> list[str]:
+def _flags(
+    data_dir: Path, model_dir: Path, train_steps: int, num_partitions: int, period: int = 2
+) -> list[str]:
     return [
         "--gin_file=runs/base.gin",
         "--gin_file=models/tiny.gin",
@@ -53,7 +60,7 @@ def _flags(data_dir: Path, model_dir: Path, train_steps: int, num_partitions: in
         "--gin.adamw.schedule='constant'",  # a 2-step run resumed to 4 = a 4-step run
         "--gin.DROPOUT_RATE=0.0",
         "--gin.EVAL_PERIOD=1000",  # evaluates only at the last step
-        "--gin.Checkpointer.period=2",
+        f"--gin.Checkpointer.period={period}",
         f"--gin.Partitioner.num_partitions={num_partitions}",
         "--gin.train.log_period=1",
         "--gin.train.test_split=None",
@@ -94,15 +101,16 @@ def _start(flags: list[str], processes: int) -> list[subprocess.Popen]:
     ]
 
 
-def _finish(running: list[subprocess.Popen]) -> list[str]:
-    """Waits for the processes (a hang fails after DEADLINE_S); returns their stderr."""
+def _finish(running: list[subprocess.Popen], status: int = 0) -> list[str]:
+    """Waits for the processes (a hang fails after DEADLINE_S) to exit with `status`; returns
+    their stderr."""
     try:
         errs = [process.communicate(timeout=DEADLINE_S)[1] for process in running]
     finally:
         for process in running:
             process.kill()  # a no-op for those that exited; the rest must not outlive the test
     for process, err in zip(running, errs, strict=True):
-        assert process.returncode == 0, err[-3000:]
+        assert process.returncode == status, err[-3000:]
     return errs
 
 
@@ -151,3 +159,34 @@ def test_pipeline_keeps_the_host_rows_of_the_global_batch(gin_cache_root):
     rows = next(train_batches(name, lengths, 8, seqio.ShardInfo(0, 1), seed=1, host_rows=[4, 6]))
     for key, value in whole.items():
         np.testing.assert_array_equal(rows[key], value[[4, 6]])
+
+
+def _final_params(model_dir: Path) -> list[np.ndarray]:
+    _, step_dir = checkpoints.checkpoint_dir(model_dir, "latest")
+    restored = ocp.StandardCheckpointer().restore(step_dir / checkpoints.STATE_ITEM)
+    return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_stops_both_at_one_step_and_the_rerun_matches(gin_cache_root, tmp_path):
+    """A preemption notice reaching one of two processes: both save the same step and exit
+    143; rerunning the same command ends with the parameters of an uninterrupted run."""
+    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+    steps, period = 60, 1000
+    running = _start(_flags(gin_cache_root, straight, steps, 1, period), 2)
+    running += _start(_flags(gin_cache_root, preempted, steps, 1, period), 2)
+    metrics = preempted / "metrics.jsonl"
+    deadline = time.time() + DEADLINE_S
+    while not (metrics.is_file() and '"step": 20,' in metrics.read_text()):
+        assert all(p.poll() is None for p in running[2:]) and time.time() < deadline
+        time.sleep(0.05)
+    running[3].send_signal(signal.SIGTERM)  # process 1 of the preempted run, only
+    _finish(running[:2])
+    errs = _finish(running[2:], status=143)
+    (step,) = checkpoints.step_dirs(preempted)
+    assert 20 <= step < steps
+    assert all(f"preempted: saved a checkpoint at step {step}" in err for err in errs)
+
+    _finish(_start(_flags(gin_cache_root, preempted, steps, 1, period), 2))
+    for a, b in zip(_final_params(preempted), _final_params(straight), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -128,7 +128,7 @@ def test_pod_files_set_the_settings_found_after_a_run_file(tmp_path):
 
 
 def test_committed_pod_files_set_the_cheapest_fit_of_the_committed_table():
-    """Every gin_configs/pods/<slice>_<size>.gin sets what docs/pod_table.json says fits."""
+    """Every pods/<slice>_<size>.gin sets what docs/pod_table.json says fits."""
     import gin
 
     from dsbs_jax.gin_utils import parse_gin
@@ -142,7 +142,8 @@ def test_committed_pod_files_set_the_cheapest_fit_of_the_committed_table():
             fit = pod_table.fitting_try(
                 results.get(pod_table.cell_key(size, slice_name, "adamw"), [])
             )
-            assert (root / "gin_configs" / "pods" / name).is_file() == (fit is not None), name
+            pod_file = root / "dsbs_jax" / "gin_configs" / "pods" / name
+            assert pod_file.is_file() == (fit is not None), name
             if fit is None:
                 continue
             try:

@@ -12,12 +12,14 @@ import json
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 import seqio
 from flax import traverse_util
 
-from dsbs_jax import checkpoint_import, convert, t5x_checkpoints
+from dsbs_jax import checkpoint_import, convert, t5x_checkpoints, trainer
+from dsbs_jax.checkpoints import Checkpointer
 from dsbs_jax.data import registration
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
 from dsbs_jax.models.t5 import T5, get_config
@@ -138,6 +140,43 @@ def test_convert_to_t5x_and_back_keeps_every_parameter(tmp_path):
     args = ["--from", str(tmp_path / "t5x"), "--to", str(tmp_path / "ours"), "--format", "ours"]
     assert convert.main(args) == 0
     _assert_same(_load(tmp_path / "ours", config), params)
+
+
+def _write_as_we_train(model_dir, step: int, params: dict) -> None:
+    """A checkpoint of ours as `python -m dsbs_jax.train` saves it: the whole train state."""
+    state = trainer.init_state(params, optax.adamw(1e-3)).replace(step=np.int32(step))
+    with Checkpointer(model_dir) as checkpointer:
+        checkpointer.save(step, state, data={"step": step}, force=True)
+
+
+def _convert(source, out, fmt: str) -> list[str]:
+    assert convert.main(["--from", str(source), "--to", str(out), "--format", fmt]) == 0
+    return sorted(p.name for p in out.glob("checkpoint_*"))
+
+
+def test_convert_keeps_the_source_step(tmp_path, capsys):
+    """Our run at step 20 becomes t5x's checkpoint_20 holding step 20, and ours again at 20;
+    convert prints the network t5x needs for it (tests/test_t5x_integration.py restores it)."""
+    early, config = _random_params(seed=1)
+    params, _ = _random_params(seed=2)
+    _write_as_we_train(tmp_path / "run", 10, early)
+    _write_as_we_train(tmp_path / "run", 20, params)
+    assert _convert(tmp_path / "run", tmp_path / "t5x", "t5x") == ["checkpoint_20"]
+    network = capsys.readouterr().out.split("\n", 2)[2]
+    assert network == (
+        "network.T5Config:\n  vocab_size = 40\n  emb_dim = 32\n  num_heads = 2\n  head_dim = 8\n"
+        "  mlp_dim = 64\n  num_encoder_layers = 2\n  num_decoder_layers = 2\n"
+        "  mlp_activations = ('gelu', 'linear')\n  logits_via_embedding = False\n"
+        "  float32_attention_logits = True\n"
+    )
+    stored = ocp.PyTreeCheckpointer().restore(tmp_path / "t5x" / "checkpoint_20" / "state")
+    assert stored["state"]["step"] == 20
+    _assert_same(stored["target"], params)
+    assert _convert(tmp_path / "t5x", tmp_path / "ours", "ours") == ["checkpoint_20"]
+    _assert_same(_load(tmp_path / "ours", config), params)
+    assert _convert(tmp_path / "run" / "checkpoint_10", tmp_path / "early", "t5x") == [
+        "checkpoint_10"
+    ]
 
 
 def test_orbax_checkpoint_without_parameters_is_refused_by_name(tmp_path):

@@ -3,8 +3,9 @@
 t5x is not on PyPI; install it from its sources next to our pins (docs/t5x.md) and run
 these with that environment's pytest. Without t5x they skip. One tiny t5x run (t5x's
 tiny.gin, vocabulary and lengths shrunk by gin overrides) is shared by the tests: it
-starts from a checkpoint `convert --format t5x` wrote, then t5x.eval and t5x.infer read
-what it trained.
+starts from a checkpoint `convert --format t5x` wrote, then t5x.eval and t5x.infer (greedy,
+dsbs_t5x/greedy_decoding.gin) read what it trained. The demo's run file trains from scratch
+in a run of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import optax
 import pytest
 
 pytest.importorskip("t5x.train", reason="t5x is not installed (not on PyPI; see docs/t5x.md)")
@@ -28,16 +30,26 @@ import orbax.checkpoint as ocp  # noqa: E402
 import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from flax import traverse_util  # noqa: E402
-from t5x import adafactor  # noqa: E402
+from t5x import adafactor, models, partitioning, utils  # noqa: E402
 from t5x import losses as t5x_losses  # noqa: E402
+from t5x import train_state as train_state_lib  # noqa: E402
 from t5x.examples.t5 import network  # noqa: E402
 
-from dsbs_jax import checkpoint_import, t5x_checkpoints  # noqa: E402
+from dsbs_jax import (  # noqa: E402
+    checkpoint_import,
+    convert,
+    evaluation,
+    label_prediction,
+    t5x_checkpoints,
+    trainer,
+)
+from dsbs_jax.checkpoints import Checkpointer  # noqa: E402
 from dsbs_jax.data import registration  # noqa: E402
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter  # noqa: E402
 from dsbs_jax.losses import step_by_step_loss  # noqa: E402
 from dsbs_jax.models.t5 import T5, T5Config  # noqa: E402
 from dsbs_jax.partitioning import Partitioner  # noqa: E402
+from dsbs_jax.t5x_checkpoints import NETWORK_FIELDS  # noqa: E402
 from dsbs_jax.t5x_models import StepByStepEncoderDecoderModel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,18 +61,27 @@ LENGTHS = {"inputs": 64, "targets": 64}
 TINY = dict(
     emb_dim=8, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, head_dim=3, mlp_dim=16
 )
+# t5x's CPU mesh puts every device on 'model' (8 under conftest.py), so a network restored in
+# this process needs its vocabulary, heads and MLP divisible by 8: not tiny.gin's.
+SHARDABLE = dict(
+    emb_dim=16, num_heads=8, num_encoder_layers=2, num_decoder_layers=2, head_dim=4, mlp_dim=32
+)
 TRAIN_STEPS, EVAL_PERIOD = 6, 3
-RUN_FILES = sorted((REPO / "gin_configs" / "dsbs_t5x" / "runs").glob("*.gin"))
+RUN_FILES = sorted((REPO / "dsbs_jax" / "gin_configs" / "dsbs_t5x" / "runs").glob("*.gin"))
+# Run files that train from random initialisation: after pretrain.gin, not finetune.gin.
+FROM_SCRATCH = {"dsbs_t5x/runs/demo.gin": "dsbs_synthetic_step_by_step"}
 
 
-def _t5x(program: str, run_gin: str, cache_root: Path, *bindings: str) -> None:
-    """Runs `python -m t5x.<program>` with t5x's tiny.gin, `run_gin` and ours."""
+def _t5x(
+    program: str, run_gin: str, cache_root: Path, *bindings: str, model_gin: str = "tiny.gin"
+) -> None:
+    """Runs `python -m t5x.<program>` with t5x's `model_gin`, `run_gin` and ours."""
     command = [
         sys.executable,
         "-m",
         f"t5x.{program}",
-        f"--gin_search_paths={REPO / 'gin_configs'}",
-        "--gin_file=t5x/examples/t5/t5_1_1/tiny.gin",
+        f"--gin_search_paths={REPO / 'dsbs_jax' / 'gin_configs'}",
+        f"--gin_file=t5x/examples/t5/t5_1_1/{model_gin}",
         f"--gin_file=t5x/configs/runs/{run_gin}",
         *bindings,
         f'--gin.MIXTURE_OR_TASK_NAME="{MIXTURE}"',
@@ -75,6 +96,12 @@ def _t5x(program: str, run_gin: str, cache_root: Path, *bindings: str) -> None:
 
 def _our_config() -> T5Config:
     return T5Config(vocab_size=VOCAB_SIZE, dtype=np.float32, **TINY)
+
+
+def _initial_params(config: T5Config, seed: int = 0) -> dict:
+    tokens = np.ones((1, 4), np.int32)
+    initial = T5(config).init(jax.random.key(seed), tokens, tokens, enable_dropout=False)
+    return jax.tree.map(np.asarray, nn.unbox(initial["params"]))
 
 
 def _t5x_module() -> network.Transformer:
@@ -103,9 +130,7 @@ def _flat(tree: dict) -> dict:
 def t5x_run(builtin_cache_root, tmp_path_factory):
     """A t5x finetune.gin run on our mixture from a converted checkpoint, then eval and infer."""
     root = tmp_path_factory.mktemp("t5x")
-    tokens = np.ones((1, 4), np.int32)
-    initial = T5(_our_config()).init(jax.random.key(0), tokens, tokens, enable_dropout=False)
-    initial = jax.tree.map(np.asarray, nn.unbox(initial["params"]))
+    initial = _initial_params(_our_config())
     t5x_checkpoints.write_t5x_checkpoint(initial, root / "converted")
     model_dir = root / "model"
     _t5x(
@@ -138,6 +163,9 @@ def t5x_run(builtin_cache_root, tmp_path_factory):
         "infer.gin",
         builtin_cache_root,
         "--gin_file=dsbs_t5x/tasks.gin",
+        "--gin_file=dsbs_t5x/greedy_decoding.gin",
+        # infer.gin restores in bfloat16; ours decodes the float32 parameters.
+        "--gin.utils.RestoreCheckpointConfig.dtype='float32'",
         f'--gin.CHECKPOINT_PATH="{final}"',
         f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
         f'--gin.INFER_OUTPUT_DIR="{root / "infer"}"',
@@ -191,6 +219,82 @@ def test_t5x_infer_eval_eval_and_infer_read_our_tasks(t5x_run):
     assert len(lines) == 24 and all("prediction" in line for line in lines)  # test.jsonl
 
 
+def test_t5x_greedy_decoding_predicts_what_ours_predicts(t5x_run, gin_cache_root):
+    """t5x.infer with dsbs_t5x/greedy_decoding.gin and ours, on the same test inputs."""
+    shards = t5x_run["root"] / "infer" / f"{LABEL_TASK}-predict.jsonl-?????-of-?????"
+    (predictions,) = glob.glob(str(shards))
+    t5x_predictions = [json.loads(line)["prediction"] for line in Path(predictions).open()]
+    config = checkpoint_import.checkpoint_config(str(t5x_run["final"]), dtype=np.float32)
+    shardings = checkpoint_import.param_shardings(config, Partitioner())
+    params = checkpoint_import.load_params(str(t5x_run["final"]), config, shardings)
+    task = seqio.get_mixture_or_task(LABEL_TASK)
+    examples = evaluation.read_split(task, "test", LENGTHS["inputs"], LENGTHS["targets"])
+    ours = label_prediction.decode_batches(
+        T5(config),
+        params,
+        Partitioner(),
+        task.output_features["targets"].vocabulary,
+        [ex["inputs"] for ex in examples],
+        LENGTHS["inputs"],
+        batch_size=8,
+        max_decode_length=LENGTHS["targets"],
+    )
+    assert t5x_predictions == ours
+
+
+def _t5x_restore(step_dir: Path, module: network.Transformer) -> train_state_lib.TrainState:
+    """A checkpoint restored as t5x.eval restores it: parameters and step, no optimizer."""
+    vocabulary = registration.vocabulary("synthetic")
+    model = models.EncoderDecoderModel(module, vocabulary, vocabulary, adafactor.Adafactor())
+    partitioner = partitioning.PjitPartitioner(num_partitions=1)
+    initializer = utils.TrainStateInitializer(
+        optimizer_def=None,
+        init_fn=model.get_initial_variables,
+        input_shapes={"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)},
+        partitioner=partitioner,
+    )
+    restore = utils.RestoreCheckpointConfig(
+        path=str(step_dir), mode="specific", dtype="float32", strict=False
+    )
+    state, _ = utils.create_checkpoint_manager_and_restore(
+        initializer, partitioner, restore, str(step_dir), None, use_orbax=True
+    )
+    return state
+
+
+def _printed_network(printed: str) -> network.Transformer:
+    """t5x's network as gin configures it from the block `convert --format t5x` printed."""
+    block = printed[printed.index("network.T5Config:") :]
+    with gin.unlock_config():
+        gin.parse_config(
+            ["from __gin__ import dynamic_registration", "from t5x.examples.t5 import network"]
+            + [block]
+        )
+    try:
+        fields = {f: gin.query_parameter(f"network.T5Config.{f}") for f in NETWORK_FIELDS}
+    finally:
+        gin.clear_config()
+    return network.Transformer(network.T5Config(dtype="float32", dropout_rate=0.0, **fields))
+
+
+def test_t5x_restores_the_step_and_network_convert_gives(tmp_path, capsys):
+    """Our run at step 20, converted: t5x's own restore reads step 20, every parameter, into
+    the network that convert printed."""
+    params = _initial_params(T5Config(vocab_size=VOCAB_SIZE, dtype=np.float32, **SHARDABLE))
+    state = trainer.init_state(params, optax.adamw(1e-3)).replace(step=np.int32(20))
+    with Checkpointer(tmp_path / "run") as checkpointer:
+        checkpointer.save(20, state, data={}, force=True)
+    argv = ["--from", str(tmp_path / "run"), "--to", str(tmp_path / "t5x"), "--format", "t5x"]
+    assert convert.main(argv) == 0
+    module = _printed_network(capsys.readouterr().out)
+    restored = _t5x_restore(tmp_path / "t5x" / "checkpoint_20", module)
+    assert int(restored.step) == 20
+    got, want = _flat(restored.params), _flat(params)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
 def test_our_reader_matches_t5x_decoder_logits_exactly(t5x_run, gin_cache_root):
     """A t5x-trained checkpoint (optimizer state, step 6, MODEL_DIR = latest) read by ours."""
     config = checkpoint_import.checkpoint_config(str(t5x_run["model_dir"]), dtype=np.float32)
@@ -211,6 +315,40 @@ def test_our_reader_matches_t5x_decoder_logits_exactly(t5x_run, gin_cache_root):
         **kwargs,
     )
     np.testing.assert_array_equal(np.asarray(our_logits), np.asarray(t5x_logits))
+
+
+@pytest.mark.slow
+def test_demo_run_file_trains_from_scratch_under_t5x(builtin_cache_root, tmp_path):
+    """dsbs_t5x/runs/demo.gin after base.gin and pretrain.gin: the demo's network from random
+    initialisation on our loss; only the vocabulary (the test cache's) and steps are shrunk."""
+    model_dir = tmp_path / "demo"
+    steps, period = 4, 2
+    _t5x(
+        "train",
+        "pretrain.gin",
+        builtin_cache_root,
+        "--gin_file=dsbs_t5x/runs/demo.gin",
+        f'--gin.MODEL_DIR="{model_dir}"',
+        f"--gin.TRAIN_STEPS={steps}",
+        f"--gin.EVAL_PERIOD={period}",
+        "--gin.EVAL_STEPS=1",
+        "--gin.BATCH_SIZE=8",
+        model_gin="base.gin",
+    )
+    assert sorted(p.name for p in model_dir.glob("checkpoint_*")) == [
+        f"checkpoint_{s}" for s in (0, period, steps)
+    ]
+    demo = dict(emb_dim=128, num_heads=4, head_dim=32, mlp_dim=256)
+    config = checkpoint_import.checkpoint_config(str(model_dir), dtype=np.float32)
+    assert config == T5Config(
+        vocab_size=VOCAB_SIZE, num_encoder_layers=3, num_decoder_layers=3, dtype=np.float32, **demo
+    )
+    losses = _scalars(model_dir / "training_eval" / MIXTURE, "loss")
+    assert sorted(losses) == [period, steps] and losses[steps] < losses[period]
+    assert _scalars(model_dir / "train", "step_by_step/label_loss")
+    metrics_file = model_dir / "inference_eval" / f"{LABEL_TASK}-metrics.jsonl"
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    assert [r["step"] for r in records] == [period, steps]
 
 
 def _batch(alpha: float) -> dict[str, np.ndarray]:
@@ -253,12 +391,13 @@ import gin
 import t5x.train
 sys.modules["__main__"] = t5x.train  # finetune.gin configures `__main__.train`
 from t5x import gin_utils
-search_path, *run_files = sys.argv[1:]
+search_path, *runs = sys.argv[1:]
 t5x_root = os.path.dirname(os.path.dirname(t5x.train.__file__))
-for run_file in run_files:
+for run in runs:
+    run_gin, run_file = run.split(":")
     gin_utils.parse_gin_flags(
         [t5x_root, search_path],
-        ["t5x/examples/t5/t5_1_1/base.gin", "t5x/configs/runs/finetune.gin", run_file],
+        ["t5x/examples/t5/t5_1_1/base.gin", f"t5x/configs/runs/{run_gin}", run_file],
         [],
         finalize_config=False,
     )
@@ -267,10 +406,12 @@ for run_file in run_files:
 """
 
 
-def test_every_t5x_run_file_parses_after_t5x_finetune_gin():
-    run_files = sorted(p.relative_to(REPO / "gin_configs").as_posix() for p in RUN_FILES)
+def test_every_t5x_run_file_parses_after_t5x_finetune_or_pretrain_gin():
+    configs = REPO / "dsbs_jax" / "gin_configs"
+    run_files = sorted(p.relative_to(configs).as_posix() for p in RUN_FILES)
+    runs = [f"{'pretrain' if f in FROM_SCRATCH else 'finetune'}.gin:{f}" for f in run_files]
     done = subprocess.run(
-        [sys.executable, "-c", PARSE_RUN_FILES, str(REPO / "gin_configs"), *run_files],
+        [sys.executable, "-c", PARSE_RUN_FILES, str(REPO / "dsbs_jax" / "gin_configs"), *runs],
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
         capture_output=True,
         text=True,
@@ -278,7 +419,9 @@ def test_every_t5x_run_file_parses_after_t5x_finetune_gin():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     parsed = dict(line.split() for line in done.stdout.splitlines())
-    assert parsed == {f: f"dsbs_{Path(f).stem.removesuffix('_asdiv')}" for f in run_files}
+    assert FROM_SCRATCH.keys() <= set(run_files)
+    finetuned = {f: f"dsbs_{Path(f).stem.removesuffix('_asdiv')}" for f in run_files}
+    assert parsed == {**finetuned, **FROM_SCRATCH}
 
 
 def test_model_vocabulary_is_the_run_datasets_own_as_t5x_checks_it(builtin_cache_root, tmp_path):

@@ -156,7 +156,7 @@ def test_data_gin_file_macros_reach_the_pipeline(gin_cache_root):
     from dsbs_jax.data.feature_converters import step_by_step_loss_weights
     from dsbs_jax.data.sources import teacher_cache_root, training_subset
 
-    gin_file = Path(__file__).resolve().parents[1] / "gin_configs" / "data" / "defaults.gin"
+    gin_file = Path(__file__).resolve().parents[1] / "dsbs_jax/gin_configs/data/defaults.gin"
     with gin.unlock_config():
         gin.parse_config_files_and_bindings(
             [str(gin_file)],

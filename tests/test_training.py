@@ -208,6 +208,17 @@ def test_demo_style_run_learns_and_resumes(gin_cache_root, tmp_path, capsys):
     assert main(flags) == 0  # a second run resumes at the end instead of starting over
     assert "already trained to step 40" in capsys.readouterr().err
 
+    # `eval` of the same checkpoint and split reports what training's test reported.
+    from dsbs_jax.eval import main as eval_main
+
+    assert eval_main(flags) == 0
+    tested = json.loads((tmp_path / "run" / "test_results.json").read_text())
+    step = tested["step"]
+    evaluated = json.loads((tmp_path / "run" / f"eval_test_checkpoint_{step}.json").read_text())
+    assert evaluated.keys() == tested.keys()
+    for key in tested:
+        np.testing.assert_allclose(evaluated[key], tested[key], rtol=1e-6, err_msg=key)
+
     from dsbs_jax.infer import main as infer_main
 
     inputs = tmp_path / "inputs.jsonl"
@@ -267,7 +278,7 @@ def test_incompatible_checkpoint_is_refused(gin_cache_root, tmp_path, capsys):
     assert "mlp_dim=96" in line
 
 
-RUNS_DIR = Path(__file__).parents[1] / "gin_configs" / "runs"
+RUNS_DIR = Path(__file__).parents[1] / "dsbs_jax" / "gin_configs" / "runs"
 RUN_CONFIGS = sorted(p.name for p in RUNS_DIR.glob("*.gin"))
 
 

@@ -826,12 +826,12 @@ def abstract_params(config: T5Config, boxed: bool = True) -> Any:
     """The model's parameters as ShapeDtypeStructs, allocating nothing (the tree `init` makes):
     boxed with their logical axis names, or plain (unboxed without sharding constraints, so
     also inside `Partitioner.activation_rules`)."""
-    tokens = jnp.ones((1, 1), jnp.int32)
 
-    def init(rng: jax.Array) -> Any:
-        return T5(config).init(rng, tokens, tokens, enable_dropout=False)["params"]
+    def init() -> Any:  # the key too is made in the trace: nothing runs on any device
+        tokens = jnp.ones((1, 1), jnp.int32)
+        return T5(config).init(jax.random.key(0), tokens, tokens, enable_dropout=False)["params"]
 
-    params = jax.eval_shape(init, jax.random.key(0))
+    params = jax.eval_shape(init)
     if boxed:
         return params
     return jax.tree.map(
