@@ -165,10 +165,13 @@ def _check_claim(model_dir: Path, run: Run, flags: list[str]) -> None:
     previous = json.loads(path.read_text())
     if previous != _record(run, flags):
         theirs = previous.get("flags", [])
-        differ = [f for f in theirs if f not in flags]
-        differ += [f"not {f}" for f in flags if f not in theirs]
+        parts = []
+        if only_theirs := [f for f in theirs if f not in flags]:
+            parts.append("with " + " ".join(only_theirs))
+        if only_ours := [f for f in flags if f not in theirs]:
+            parts.append("without " + " ".join(only_ours))
         raise UserError(
-            f"{model_dir} holds a run made with other flags ({', '.join(differ) or previous});"
+            f"{model_dir} holds a run made with other flags ({', '.join(parts) or previous});"
             " give the sweep another MODEL_DIR or remove that directory"
         )
 
