@@ -139,10 +139,10 @@ def test_a_sweep_killed_between_its_runs_saves_resumes_exactly(
     flags = [*_flags(builtin_cache_root, sweep_dir), "--vectorized"]
     save = Checkpointer.save
 
-    def killed_at_the_third_run(self, step, state, data, force=False):
+    def killed_at_the_third_run(self, step, *args, **kwargs):
         if step == 6 and self.model_dir.name == RUNS[2]:
             raise KeyboardInterrupt
-        return save(self, step, state, data, force)
+        return save(self, step, *args, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(Checkpointer, "save", killed_at_the_third_run)
