@@ -14,6 +14,13 @@ refuses for lack of HBM is a result: needed and available bytes, fits false.
 Slices are named as `gcloud` names them (`v4-32`, `v5p-32` count TensorCores: 16 chips;
 `v5litepod-16`, `v6e-16` count chips) or as a topology (`v5e:4x4`, `v4:2x2x4`); v4 and v5p
 chips run in megacore mode, one JAX device per chip, as on the real slice.
+
+`--runs=N` compiles the train step of a vectorized sweep of N such runs instead
+(`dsbs_jax.vectorized`: N training states stacked, one vmapped step), split over the mesh's
+"runs" axis of `Partitioner.num_runs_partitions`, e.g. 16 T5 1.1 small runs on v5litepod-16:
+
+    python -m dsbs_jax.aot --gin_file=runs/cqa_step_by_step.gin --gin_file=pods/v5e_16_small.gin \\
+        --gin.Partitioner.num_runs_partitions=16 --runs=16 --topology=v5litepod-16
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import inspect
 import json
 import os
 import re
@@ -31,9 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import gin
 import jax
-from gin import config as gin_config
 
 from dsbs_jax import decoding, trainer
 from dsbs_jax.errors import UserError
@@ -250,24 +254,8 @@ def train_settings(devices: Sequence[jax.Device]) -> dict[str, Any]:
     """`dsbs_jax.training.train`'s arguments as gin binds them, defaults filled in, with the
     run's partitioner made over `devices` (the slice's compile-only ones, not this host's)."""
     from dsbs_jax import training  # TensorFlow's side: imported once gin_utils.run started it
-    from dsbs_jax.partitioning import Partitioner
 
-    def resolve(value: Any) -> Any:
-        if not isinstance(value, gin_config.ConfigurableReference):
-            return value
-        fn = value.scoped_configurable_fn
-        if value.configurable.wrapped is Partitioner:
-            return fn(devices=devices)
-        return fn() if value.evaluate else fn
-
-    bound = gin.get_bindings(training.train, resolve_references=False)
-    settings = {}
-    for name, parameter in inspect.signature(training.train).parameters.items():
-        value = resolve(bound.get(name, parameter.default))
-        if value is gin.REQUIRED and name != "model_dir":
-            raise UserError(f"train.{name} is not set; give it in a gin file or --gin.{name}")
-        settings[name] = value
-    return settings
+    return training.train_arguments(devices)
 
 
 def _sharded(spec: Mapping[str, jax.ShapeDtypeStruct], sharding: Any) -> dict[str, Any]:
@@ -291,12 +279,17 @@ def compile_for_topology(
     json_path: str | None,
     programs: Sequence[str] = PROGRAMS,
     check: bool = False,
+    runs: int = 0,
 ) -> dict[str, Any]:
     """Compiles train, eval and decode steps (or those named) for the slice; prints and
-    returns the report. `check` stops after the settings and the slice's mesh are checked."""
+    returns the report. `check` stops after the settings and the slice's mesh are checked.
+    `runs` > 0: the train step of a vectorized sweep of that many runs (one run's eval and
+    decode steps are the same as alone)."""
     unknown = set(programs) - set(PROGRAMS)
     if unknown:
         raise UserError(f"unknown programs {sorted(unknown)}; choose from {', '.join(PROGRAMS)}")
+    if runs < 0:
+        raise UserError(f"--runs must be 0 (one run) or more, got {runs}")
     generation, topology = parse_topology(topology_name)
     chip = CHIPS[generation]
     from dsbs_jax.data.registration import task_vocabulary
@@ -319,6 +312,11 @@ def compile_for_topology(
                 f"train.{what}={rows} does not divide by the data-parallel size "
                 f"{partitioner.mesh.shape['data']} of {topology_name}"
             )
+    if runs and runs % partitioner.num_runs_partitions:
+        raise UserError(
+            f"--runs={runs} does not divide by Partitioner.num_runs_partitions="
+            f"{partitioner.num_runs_partitions}"
+        )
     processes = len({d.process_index for d in devices})
     header = {
         "topology": topology_name,
@@ -331,13 +329,15 @@ def compile_for_topology(
         "batch_per_host": rows_per_host(partitioner.data_sharding, batch_size),
         "num_microbatches": settings["num_microbatches"],
         "task_feature_lengths": dict(lengths),
+        "runs": runs,
         "hbm_bytes": chip.hbm_bytes,
         "peak_bf16_flops": chip.peak_bf16_flops,
     }
     print(
         f"{topology_name}: {topology}, {len(devices)} {header['device_kind']} devices on "
         f"{processes} hosts, mesh {header['mesh']}, batch {batch_size} "
-        f"({header['batch_per_host']} per host), {settings['num_microbatches']} microbatch(es)",
+        f"({header['batch_per_host']} per host), {settings['num_microbatches']} microbatch(es)"
+        + (f", {runs} runs at once" if runs else ""),
         flush=True,
     )
     state = student.abstract_train_state(optimizer)
@@ -357,6 +357,8 @@ def compile_for_topology(
     smoothing, z_loss = settings["label_smoothing"], settings["z_loss"]
 
     def lower_train() -> Any:
+        if runs:
+            return lower_stacked_train(student, optimizer, settings, train_batch, key, runs)
         step = trainer.jit_train_step(
             student.model,
             optimizer,
@@ -380,8 +382,9 @@ def compile_for_topology(
             eos_id=vocabulary.eos_id,
         )
 
+    train_flops = model_flops(config, batch_size, *lengths.values(), True) * max(runs, 1)
     builders = (
-        ("train_step", lower_train, model_flops(config, batch_size, *lengths.values(), True)),
+        ("train_step", lower_train, train_flops),
         ("eval_step", lower_eval, model_flops(config, eval_batch_size, *lengths.values(), False)),
         ("decode", lower_decode, None),
     )
@@ -402,6 +405,38 @@ def compile_for_topology(
     return result
 
 
+def lower_stacked_train(
+    student: Student,
+    optimizer: Any,
+    settings: dict[str, Any],
+    batch: dict[str, jax.ShapeDtypeStruct],
+    key: jax.ShapeDtypeStruct,
+    runs: int,
+) -> Any:
+    """The vectorized sweep's train step of `runs` runs, lowered for the stacked state, batches
+    and keys (`trainer.jit_stacked_train_step`, `vectorized.stacked_abstract_state`)."""
+    from dsbs_jax.vectorized import stacked_abstract_state
+
+    partitioner = student.partitioner
+    state = stacked_abstract_state(student.abstract_train_state(optimizer), runs, student)
+
+    def stacked(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(
+            (runs, *x.shape), x.dtype, sharding=partitioner.stacked(x.sharding)
+        )
+
+    step = trainer.jit_stacked_train_step(
+        student.model,
+        optimizer,
+        partitioner,
+        state,
+        settings["num_microbatches"],
+        settings["label_smoothing"],
+        settings["z_loss"],
+    )
+    return step.lower(state, jax.tree.map(stacked, batch), stacked(key))
+
+
 def _aot_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--topology",
@@ -409,6 +444,12 @@ def _aot_flags(parser: argparse.ArgumentParser) -> None:
         help="TPU slice (v4-32, v5litepod-16, v5litepod-64, v5p-32, v6e-16) or topology (v5e:4x4)",
     )
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=0,
+        help="compile the train step of a vectorized sweep of this many runs (0: one run)",
+    )
     parser.add_argument(
         "--programs",
         default=",".join(PROGRAMS),
@@ -422,7 +463,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv.append("--gin.initialize_distributed.auto_detect=False")
     return run(
         lambda args: compile_for_topology(
-            args.topology, args.json, [p for p in args.programs.split(",") if p], args.check
+            args.topology,
+            args.json,
+            [p for p in args.programs.split(",") if p],
+            args.check,
+            args.runs,
         ),
         argv,
         prog="python -m dsbs_jax.aot",

@@ -79,13 +79,15 @@ def teacher_forced(
     task_feature_lengths: Mapping[str, int],
     split: str,
     batch_size: int,
+    loss_weights: Mapping[int, float] | None = None,
 ) -> dict[str, float]:
     """Label and rationale losses and token accuracies over a whole split, with the metrics'
-    definitions of training (`losses.summarise_loss_sums`)."""
+    definitions of training (`losses.summarise_loss_sums`); `loss_weights` as training's
+    (None: gin's `step_by_step_loss_weights`)."""
     ds = seqio.get_dataset(
         mixture_or_task_name,
         task_feature_lengths,
-        StepByStepFeatureConverter(pack=False),
+        StepByStepFeatureConverter(pack=False, loss_weights=loss_weights),
         dataset_split=split,
         shuffle=False,
         num_epochs=1,
@@ -178,7 +180,8 @@ def score(task: seqio.Task, rows: Sequence[Mapping[str, str]]) -> dict[str, floa
 class SplitEvaluator:
     """A split's figures for a student's parameters: the mixture's teacher-forced losses, and
     label metrics in each mode of `labels`. A task's split is read once, at its first
-    evaluation, and kept for the later ones."""
+    evaluation, and kept for the later ones. `loss_weights` weigh the losses as in training
+    (None: gin's `step_by_step_loss_weights`)."""
 
     def __init__(
         self,
@@ -190,8 +193,10 @@ class SplitEvaluator:
         batch_size: int,
         max_decode_length: int | None,
         labels: LabelEvaluation,
+        loss_weights: Mapping[int, float] | None = None,
     ) -> None:
         self._model, self._partitioner, self._eval_step = model, partitioner, eval_step
+        self._loss_weights = loss_weights
         self._name, self._lengths = mixture_or_task_name, task_feature_lengths
         self._batch_size = batch_size
         self._max_decode_length = max_decode_length or task_feature_lengths["targets"]
@@ -207,6 +212,7 @@ class SplitEvaluator:
             self._lengths,
             split,
             self._batch_size,
+            self._loss_weights,
         )
         results = {f"{split}/{k}": v for k, v in losses_.items()}
         for task in metric_tasks(self._name):

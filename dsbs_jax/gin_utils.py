@@ -232,7 +232,7 @@ def run(
             bindings.append(f"teacher_cache_tfds_dir.path = {args.tfds_data_dir!r}")
         parse_gin(args.gin_file, bindings, args.gin_search_paths)
     except Exception as e:  # gin raises many types for a bad file or binding
-        print(f"error: bad gin configuration: {_one_line(e)}", file=sys.stderr)
+        print(f"error: bad gin configuration: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     with startup.quiet_start(verbose):
         initialize_distributed(args.coordinator_address, args.process_count, args.process_index)
@@ -240,10 +240,10 @@ def run(
     try:
         main(args)
     except UserError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Preempted as e:
-        print(_one_line(e), file=sys.stderr)
+        print(one_line(e), file=sys.stderr)
         return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print(
@@ -254,7 +254,7 @@ def run(
     return 0
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     text = re.sub(r"\s*In call to configurable '[^']*' \(<[^>]*>\)", "", text)
     return " ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -61,17 +61,19 @@ def train_batches(
     start_step: int = 0,
     use_cached: bool = False,
     host_rows: Sequence[int] | None = None,
+    loss_weights: Mapping[int, float] | None = None,
 ) -> TrainBatches:
     """Endless batches of model features, from batch number `start_step` on.
 
     Batches of `batch_size` examples of the `shard_info` shard of the data; with `host_rows`,
-    only those rows of each batch. Call `restore` before the first batch to start from a saved
-    position instead of running the `start_step` batches before it.
+    only those rows of each batch. `loss_weights` ({task role: weight}): None reads
+    `step_by_step_loss_weights` from gin. Call `restore` before the first batch to start from
+    a saved position instead of running the `start_step` batches before it.
     """
     ds = seqio.get_dataset(
         mixture_or_task_name,
         task_feature_lengths,
-        StepByStepFeatureConverter(pack=pack),
+        StepByStepFeatureConverter(pack=pack, loss_weights=loss_weights),
         dataset_split="train",
         shuffle=True,
         num_epochs=None,

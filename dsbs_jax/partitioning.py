@@ -5,7 +5,9 @@ t5x cannot be installed, and its partitioner is built on APIs current JAX deprec
 layout with today's APIs: a 2-D ("data", "model") `jax.sharding.Mesh`, t5x's logical axis rules
 (`standard_logical_axis_rules`, 1-D or 2-D) resolved by flax (`nn.logical_to_mesh_sharding`),
 `jax.jit` with `in_shardings` / `out_shardings`, and global `jax.Array`s built from each host's
-part of the batch.
+part of the batch. A vectorized sweep (`dsbs_jax.vectorized`), which trains several runs as one
+program, adds a "runs" axis in front when `num_runs_partitions` > 1: each run's arrays gain a
+leading runs dimension, split over it.
 
 Pitfalls this module takes care of:
 
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     import seqio
 
 LogicalAxisRules = Sequence[tuple[str, str | None]]
+RUNS_AXIS = "runs"
 
 # t5x's standard 1-D rules: data parallelism over "data", Megatron-style model parallelism of
 # the vocabulary, MLP and attention heads over "model"; everything else replicated.
@@ -129,6 +132,10 @@ class Partitioner:
     `activation_partitioning_dims` and `parameter_partitioning_dims` unless `logical_axis_rules`
     gives others. The model axis may span hosts: every host feeds the rows its devices hold
     (`host_rows`), and hosts that hold the same rows feed the same ones.
+
+    `num_runs_partitions` > 1 puts a "runs" axis of that size first, ("runs", "data", "model"):
+    the runs of a vectorized sweep are split over it (`stacked`), and "data" gets the devices
+    that are left. Arrays of one run are replicated over it. 1 (the default) keeps the 2-D mesh.
     """
 
     def __init__(
@@ -138,6 +145,7 @@ class Partitioner:
         devices: Sequence[jax.Device] | None = None,
         activation_partitioning_dims: int = 1,
         parameter_partitioning_dims: int = 1,
+        num_runs_partitions: int = 1,
     ) -> None:
         devices = list(jax.devices() if devices is None else devices)
         if num_partitions < 1 or len(devices) % num_partitions:
@@ -145,19 +153,45 @@ class Partitioner:
                 f"num_partitions={num_partitions} must be a positive divisor of the number of "
                 f"devices ({len(devices)})"
             )
+        if num_runs_partitions < 1 or len(devices) % (num_runs_partitions * num_partitions):
+            raise UserError(
+                f"num_runs_partitions={num_runs_partitions} times num_partitions={num_partitions} "
+                f"must divide the number of devices ({len(devices)})"
+            )
         if logical_axis_rules is None:
             logical_axis_rules = standard_logical_axis_rules(
                 activation_partitioning_dims, parameter_partitioning_dims
             )
         self.num_partitions = num_partitions
+        self.num_runs_partitions = num_runs_partitions
         self.logical_axis_rules = tuple(logical_axis_rules)
+        data = len(devices) // (num_runs_partitions * num_partitions)
+        shape, names = (data, num_partitions), ("data", "model")
+        if num_runs_partitions > 1:
+            shape, names = (num_runs_partitions, *shape), (RUNS_AXIS, *names)
         # Auto axes: flax's logical constraints fail on make_mesh's default Explicit axes.
         self.mesh: Mesh = jax.make_mesh(
-            (len(devices) // num_partitions, num_partitions),
-            ("data", "model"),
-            axis_types=(AxisType.Auto,) * 2,
-            devices=devices,
+            shape, names, axis_types=(AxisType.Auto,) * len(names), devices=devices
         )
+
+    @property
+    def runs_axis(self) -> str | None:
+        """The mesh axis the runs of a vectorized sweep are split over; None: not split."""
+        return RUNS_AXIS if RUNS_AXIS in self.mesh.axis_names else None
+
+    def stacked(self, sharding: NamedSharding) -> NamedSharding:
+        """The sharding of a stack of arrays sharded like `sharding`, one per run of a
+        vectorized sweep: the leading runs dimension over the "runs" axis, the rest as before."""
+        return NamedSharding(self.mesh, P(self.runs_axis, *sharding.spec))
+
+    def shard_stacked_batch(self, batches: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Global [runs, batch, ...] arrays, runs over "runs" and rows over "data", from the
+        whole stacked batches, which every host holds; each host places what its devices hold."""
+        sharding = self.stacked(self.data_sharding)
+        return {
+            name: jax.make_array_from_callback(value.shape, sharding, value.__getitem__)
+            for name, value in ((n, np.asarray(v)) for n, v in batches.items())
+        }
 
     @property
     def data_sharding(self) -> NamedSharding:

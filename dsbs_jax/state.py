@@ -92,13 +92,17 @@ class Student:
                     donate_argnums=0,
                 )
                 return init(params)
-            tokens = jnp.ones((1, 1), jnp.int32)
+            init = functools.partial(self.random_train_state, optimizer=optimizer)
+            return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
-            def init_random(rng: jax.Array) -> trainer.TrainState:
-                boxed = self.model.init(rng, tokens, tokens, enable_dropout=False)["params"]
-                return trainer.init_state(nn.unbox(boxed), optimizer)
-
-            return jax.jit(init_random, out_shardings=shardings)(jax.random.key(seed))
+    def random_train_state(
+        self, rng: jax.Array, optimizer: optax.GradientTransformation
+    ) -> trainer.TrainState:
+        """The training state of random parameters drawn with `rng`; jit it (or vmap it over
+        keys, as a vectorized sweep does) with the state's shardings."""
+        tokens = jnp.ones((1, 1), jnp.int32)
+        boxed = self.model.init(rng, tokens, tokens, enable_dropout=False)["params"]
+        return trainer.init_state(nn.unbox(boxed), optimizer)
 
     def record(self) -> dict[str, Any]:
         """What a checkpoint's data item says of the model, to refuse a mismatching config."""

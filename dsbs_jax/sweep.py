@@ -2,15 +2,21 @@
 
     python -m dsbs_jax.sweep --gin_file=sweeps/synthetic_data_efficiency.gin \\
         --methods=dsbs,finetune,distill --sweep='TRAIN_FRACTION=[0.125,0.25,0.5,1.0]' \\
-        --sweep='SEED=[0,1,2]' [--gin.NAME=VALUE ...] [--print_commands]
+        --sweep='SEED=[0,1,2]' [--gin.NAME=VALUE ...] [--jobs=N | --vectorized] \\
+        [--print_commands] [--check]
 
 Every run is `python -m dsbs_jax.train` with the same gin files and flags plus its own
 bindings, in its own MODEL_DIR under the sweep's MODEL_DIR. The directories are the
 sweep's only state: a run with `test_results.json` is finished and skipped, an
 interrupted one resumes from its last checkpoint, so an interrupted sweep is simply
-run again. `--print_commands` records each unfinished run's `run.json` and prints its
-launch command instead of running it, for a cluster scheduler; the results are then
-aggregated with `--aggregate_only`.
+run again. `run.json` records each run's flags, and a sweep refuses a directory whose
+runs, finished or not, were made with other flags. `--jobs=N` runs N processes at once;
+`--vectorized` instead trains, in this process, the runs that share a model and schedule
+as one program (`dsbs_jax.vectorized`), with the same directories and results.
+`--print_commands` records each unfinished run's `run.json` and prints its launch command
+instead of running it, for a cluster scheduler; the results are then aggregated with
+`--aggregate_only`. `--check` checks every run's flags, data and directory, prints what
+would run, and exits.
 """
 
 from __future__ import annotations
@@ -33,9 +39,12 @@ from typing import Any
 import gin
 
 from dsbs_jax import results as results_lib
+from dsbs_jax import startup
 from dsbs_jax.data.run_inputs import ensure_run_inputs
 from dsbs_jax.errors import EXIT_BAD_INPUT, UserError
-from dsbs_jax.gin_utils import check_macros_used, parse_gin, split_gin_flags
+from dsbs_jax.gin_utils import check_macros_used, one_line, parse_gin, split_gin_flags
+from dsbs_jax.partitioning import initialize_distributed
+from dsbs_jax.preemption import EXIT_PREEMPTED, Preempted
 
 # A method's name → the mixture suffix of its SeqIO registration (dsbs_<dataset>_<suffix>).
 METHOD_MIXTURES = {
@@ -144,20 +153,35 @@ def _finished(model_dir: Path) -> bool:
     return (model_dir / results_lib.TEST_RESULTS_FILE).exists()
 
 
-def _claim(model_dir: Path, run: Run, flags: list[str]) -> None:
-    """Records what `model_dir` trains; refuses a directory that already trains something else."""
-    record = {"method": run.method, "settings": dict(run.settings), "flags": flags}
+def _record(run: Run, flags: list[str]) -> dict[str, Any]:
+    return {"method": run.method, "settings": dict(run.settings), "flags": flags}
+
+
+def _check_claim(model_dir: Path, run: Run, flags: list[str]) -> None:
+    """Refuses `model_dir` when its `run.json` (finished or not) records other flags."""
     path = model_dir / results_lib.RUN_FILE
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous != record:
-            raise UserError(
-                f"{model_dir} holds a run made with other flags ({previous['flags']});"
-                " give the sweep another MODEL_DIR or remove that directory"
-            )
+    if not path.exists():
         return
-    model_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    previous = json.loads(path.read_text())
+    if previous != _record(run, flags):
+        theirs = previous.get("flags", [])
+        parts = []
+        if only_theirs := [f for f in theirs if f not in flags]:
+            parts.append("with " + " ".join(only_theirs))
+        if only_ours := [f for f in flags if f not in theirs]:
+            parts.append("without " + " ".join(only_ours))
+        raise UserError(
+            f"{model_dir} holds a run made with other flags ({', '.join(parts) or previous});"
+            " give the sweep another MODEL_DIR or remove that directory"
+        )
+
+
+def _claim(model_dir: Path, run: Run, flags: list[str]) -> None:
+    """Records what `model_dir` trains (`--aggregate_only` finds the runs by it)."""
+    path = model_dir / results_lib.RUN_FILE
+    if not path.exists():
+        model_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_record(run, flags), indent=2) + "\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -187,6 +211,16 @@ def _parser() -> argparse.ArgumentParser:
         help="runs at once (default 1); with more, each run's output goes to its train.log",
     )
     parser.add_argument(
+        "--vectorized",
+        action="store_true",
+        help="train the runs that share a model and schedule as one program, in this process",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check every run's flags, data and directory, print what would run, and exit",
+    )
+    parser.add_argument(
         "--aggregate_only", action="store_true", help="only aggregate the finished runs"
     )
     return parser
@@ -202,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(rest)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.vectorized and (args.jobs > 1 or args.print_commands):
+        parser.error("--vectorized trains the runs in this process: no --jobs, --print_commands")
     if not args.gin_file:
         parser.error("give at least one --gin_file (e.g. --gin_file=runs/demo.gin)")
     try:
@@ -213,8 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep_dir = Path(_macro("MODEL_DIR")).expanduser().absolute()
         dataset = dataset_of(_macro("MIXTURE_OR_TASK_NAME"))
         runs = plan([m.strip() for m in args.methods.split(",") if m.strip()], axes)
-        if not args.aggregate_only:  # once here, not in each of the runs at once
-            ensure_run_inputs(_macro("MIXTURE_OR_TASK_NAME"))
+        if not args.aggregate_only:
+            if args.vectorized or args.check:  # runs planned here: JAX first, as `train` does
+                _start_jax(startup.verbose_requested(argv))
+            ensure_run_inputs(_macro("MIXTURE_OR_TASK_NAME"))  # once, not in every run
     except Exception as e:  # a bad flag, gin file or binding: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -226,13 +264,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         *(f"--gin_search_paths={p}" for p in args.gin_search_paths),
         *(f"--gin.{b.replace(' = ', '=', 1)}" for b in gin_flags if not _binds("MODEL_DIR", b)),
     ]
+    launches = [
+        (
+            run,
+            sweep_dir / run.name,
+            [*shared, f"--gin.MODEL_DIR={_gin_literal(str(sweep_dir / run.name))}"]
+            + run.bindings(dataset),
+        )
+        for run in runs
+    ]
     failed: list[str] = []
     if not args.aggregate_only:
         try:
-            failed = _launch(runs, dataset, sweep_dir, shared, args.print_commands, args.jobs)
+            for run, model_dir, flags in launches:
+                _check_claim(model_dir, run, flags)
+            todo = [launch for launch in launches if not _finished(launch[1])]
+            summary = (
+                f"sweep of {len(runs)} runs under {sweep_dir}: {len(runs) - len(todo)} finished,"
+                f" {len(todo)} to run"
+            )
+            if args.check:
+                print(_check(todo, summary, args.vectorized))
+                return 0
+            for run, model_dir, flags in todo:
+                _claim(model_dir, run, flags)
+            if args.vectorized:
+                failed = _train_vectorized(todo, summary, sweep_dir)
+            else:
+                failed = _launch(todo, summary, sweep_dir, args.print_commands, args.jobs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        except Preempted as e:
+            print(e, file=sys.stderr)
+            return EXIT_PREEMPTED
         if args.print_commands:
             return 0
         if failed:
@@ -247,31 +312,80 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if args.aggregate_only or not failed else 1
 
 
+Launch = tuple[Run, Path, list[str]]  # a run, its MODEL_DIR and the flags that train it
+
+
+def _start_jax(verbose: bool) -> None:
+    """Starts TensorFlow and JAX quietly, JAX joined to the other hosts as the gin config
+    says (`initialize_distributed`), before anything uses JAX."""
+    startup.start_tensorflow(verbose)
+    with startup.quiet_start(verbose):
+        initialize_distributed()
+    startup.start_jax(verbose)
+
+
+def _members(todo: Sequence[Launch]) -> list[Any]:
+    """Each run planned in this process under its own gin config (`vectorized.plan_member`)."""
+    from dsbs_jax import vectorized  # TensorFlow's side: once `_start_jax` has started it
+
+    return [
+        vectorized.plan_member(run.name, vectorized.RunConfig.from_flags(flags))
+        for run, _, flags in todo
+    ]
+
+
+def _check(todo: Sequence[Launch], summary: str, vectorized: bool) -> str:
+    """What `--check` prints: every unfinished run planned (its flags, data and directory
+    checked), by program when `vectorized`."""
+    members = _members(todo)
+    lines = [f"check: the {summary}"]
+    if vectorized:
+        from dsbs_jax.vectorized import describe, group_members
+
+        lines.append(describe(group_members(members)))
+    for member in members if not vectorized else ():
+        resume_dir = member.run.resume_dir
+        lines.append(f"  {member.name}: " + (f"resumes {resume_dir.name}" if resume_dir else "new"))
+    return "\n".join(lines)
+
+
+def _train_vectorized(todo: Sequence[Launch], summary: str, sweep_dir: Path) -> list[str]:
+    """Trains the unfinished runs in this process, one program per group of runs that share
+    one (`dsbs_jax.vectorized`); returns the names that failed."""
+    import jax
+
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # a rerun compiles nothing again
+        jax.config.update("jax_compilation_cache_dir", str(sweep_dir / COMPILATION_CACHE))
+    members = _members(todo)
+    from dsbs_jax.vectorized import group_members, train_group
+
+    groups = group_members(members)
+    print(f"{summary}, as {len(groups)} program(s)", file=sys.stderr)
+    failed = []
+    try:
+        for number, group in enumerate(groups, 1):
+            names = ", ".join(member.name for member in group)
+            print(f"[program {number}/{len(groups)}] {len(group)} runs: {names}", file=sys.stderr)
+            failed += train_group(group)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to go on", file=sys.stderr)
+        raise SystemExit(130) from None
+    return failed
+
+
 def _launch(
-    runs: Sequence[Run],
-    dataset: str,
-    sweep_dir: Path,
-    shared: list[str],
-    print_only: bool,
-    jobs: int = 1,
+    todo: Sequence[Launch], summary: str, sweep_dir: Path, print_only: bool, jobs: int = 1
 ) -> list[str]:
     """Runs (or prints) every unfinished run, `jobs` at a time; returns the names that failed."""
-    todo = [run for run in runs if not _finished(sweep_dir / run.name)]
-    launches = []
-    for run in todo:
-        model_dir = sweep_dir / run.name
-        flags = [*shared, f"--gin.MODEL_DIR={_gin_literal(str(model_dir))}", *run.bindings(dataset)]
-        _claim(model_dir, run, flags)  # --aggregate_only finds the runs by their run.json
-        launches.append((run.name, model_dir, [sys.executable, "-m", "dsbs_jax.train", *flags]))
+    launches = [
+        (run.name, model_dir, [sys.executable, "-m", "dsbs_jax.train", *flags])
+        for run, model_dir, flags in todo
+    ]
     if print_only:
         for _, _, command in launches:
             print(shlex.join(["python", *command[1:]]))
         return []
-    print(
-        f"sweep of {len(runs)} runs under {sweep_dir}: {len(runs) - len(todo)} finished,"
-        f" {len(todo)} to run" + (f", {jobs} at a time" if jobs > 1 else ""),
-        file=sys.stderr,
-    )
+    print(summary + (f", {jobs} at a time" if jobs > 1 else ""), file=sys.stderr)
     # Runs of one sweep compile the same programs; JAX's persistent cache compiles each once.
     env = {"JAX_COMPILATION_CACHE_DIR": str(sweep_dir / COMPILATION_CACHE), **os.environ}
     running: list[tuple[str, subprocess.Popen]] = []

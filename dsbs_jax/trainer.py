@@ -180,6 +180,31 @@ def jit_train_step(
     )
 
 
+def jit_stacked_train_step(
+    model: T5,
+    optimizer: optax.GradientTransformation,
+    partitioner: Partitioner,
+    stacked_state: TrainState,
+    num_microbatches: int = 1,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict[str, Array]]]:
+    """`make_train_step` of several runs at once, vmapped over a leading runs axis of the
+    state, the batch and the dropout keys, jitted with the stacked state's shardings (from its
+    abstract state): runs over the "runs" mesh axis (`Partitioner.stacked`), rows over
+    "data", the state donated. Each run's metrics come out on the runs axis. Trace and call it
+    inside `activation_rules()`: the model's sharding constraints gain the runs axis."""
+    shardings = jax.tree.map(lambda x: x.sharding, stacked_state)
+    runs = partitioner.stacked(partitioner.replicated)
+    step = make_train_step(model, optimizer, num_microbatches, label_smoothing, z_loss)
+    return jax.jit(
+        jax.vmap(step, spmd_axis_name=partitioner.runs_axis),
+        in_shardings=(shardings, partitioner.stacked(partitioner.data_sharding), runs),
+        out_shardings=(shardings, runs),
+        donate_argnums=(0,),
+    )
+
+
 def jit_eval_step(
     model: T5, label_smoothing: float = 0.0, z_loss: float = 0.0
 ) -> Callable[[PyTree, Batch], dict[str, Array]]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import sys
@@ -35,15 +36,17 @@ import jax
 import numpy as np
 import optax
 import seqio
+from gin import config as gin_config
 from tqdm import tqdm
 
 from dsbs_jax import checkpoint_import, checkpoints, trainer
 from dsbs_jax.checkpoints import Checkpointer, model_dir_path
+from dsbs_jax.data.feature_converters import step_by_step_loss_weights
 from dsbs_jax.data.registration import task_vocabulary
 from dsbs_jax.data.run_inputs import ensure_run_inputs
 from dsbs_jax.early_stopping import EarlyStopping, MetricHistory
 from dsbs_jax.errors import UserError
-from dsbs_jax.evaluation import SplitEvaluator, primary_metric
+from dsbs_jax.evaluation import EvalStep, SplitEvaluator, primary_metric
 from dsbs_jax.input_pipeline import (
     DATASET_ITEM,
     TrainBatches,
@@ -147,41 +150,35 @@ def train(
     improving. `check` stops after the checks and prints what would run. Returns the test
     split's results.
     """
-    inputs = InputSettings(
-        mixture_or_task_name,
-        task_feature_lengths,
-        batch_size,
-        pack,
-        use_cached,
-        shard_files_by_host,
-    )
-    loop = LoopSettings(
-        train_steps,
-        random_seed,
-        eval_period,
-        log_period,
-        num_microbatches,
-        label_smoothing,
-        z_loss,
-        use_hardware_rng,
-    )
-    evals = EvalSettings(eval_split, test_split, eval_batch_size, max_decode_length)
-    run = TrainingRun.plan(
-        model_dir_path(model_dir),
-        model_config,
-        partitioner,
-        optimizer,
-        label_evaluation,
-        inputs,
-        loop,
-        evals,
-        initial_checkpoint_path,
-        early_stopping,
-    )
+    run = TrainingRun.configure(locals())
     if check:
         print(run.summary())
         return {}
     return run.execute(checkpointer_cls)
+
+
+def train_arguments(devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+    """`train`'s arguments as the active gin config binds them, defaults filled in: what a
+    program that plans the run without calling `train` (aot, vectorized sweeps) starts from,
+    with the partitioner made over `devices` (None: this host's; aot: a slice's compile-only
+    ones). UserError names a required one the config leaves unset."""
+
+    def resolve(value: Any) -> Any:
+        if not isinstance(value, gin_config.ConfigurableReference):
+            return value
+        fn = value.scoped_configurable_fn
+        if devices is not None and value.configurable.wrapped is Partitioner:
+            return fn(devices=devices)
+        return fn() if value.evaluate else fn
+
+    bound = gin.get_bindings(train, resolve_references=False)
+    arguments = {}
+    for name, parameter in inspect.signature(train).parameters.items():
+        value = resolve(bound.get(name, parameter.default))
+        if value is gin.REQUIRED and name != "model_dir":
+            raise UserError(f"train.{name} is not set; give it in a gin file or --gin.{name}")
+        arguments[name] = value
+    return arguments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +197,47 @@ class TrainingRun:
     early_stopping: EarlyStopping | None
     resume_dir: Any  # the latest checkpoint folder under MODEL_DIR, or None
     vocabulary: seqio.Vocabulary
+    # {task role: loss weight} of the training and evaluation batches (ALPHA), read from gin
+    # once, when the run is planned.
+    loss_weights: Mapping[int, float]
+
+    @classmethod
+    def configure(cls, arguments: Mapping[str, Any]) -> TrainingRun:
+        """`plan` from `train`'s arguments by name (`train_arguments`)."""
+        a = arguments
+        inputs = InputSettings(
+            a["mixture_or_task_name"],
+            a["task_feature_lengths"],
+            a["batch_size"],
+            a["pack"],
+            a["use_cached"],
+            a["shard_files_by_host"],
+        )
+        loop = LoopSettings(
+            a["train_steps"],
+            a["random_seed"],
+            a["eval_period"],
+            a["log_period"],
+            a["num_microbatches"],
+            a["label_smoothing"],
+            a["z_loss"],
+            a["use_hardware_rng"],
+        )
+        evals = EvalSettings(
+            a["eval_split"], a["test_split"], a["eval_batch_size"], a["max_decode_length"]
+        )
+        return cls.plan(
+            model_dir_path(a["model_dir"]),
+            a["model_config"],
+            a["partitioner"],
+            a["optimizer"],
+            a["label_evaluation"],
+            inputs,
+            loop,
+            evals,
+            a["initial_checkpoint_path"],
+            a["early_stopping"],
+        )
 
     @classmethod
     def plan(
@@ -237,6 +275,7 @@ class TrainingRun:
             early_stop.watching(best_metric) if early_stop else None,
             resume_dir,
             vocabulary,
+            step_by_step_loss_weights(),
         )
         if resume_dir is not None:
             run._check_resumable()
@@ -297,6 +336,16 @@ class TrainingRun:
 
     def execute(self, checkpointer_cls: Callable[..., Checkpointer]) -> dict[str, float]:
         """Writes MODEL_DIR, trains, evaluates and tests; returns the test results."""
+        checkpointer, writer = self.open(checkpointer_cls)
+        try:
+            return self._train_and_test(checkpointer, writer)
+        finally:
+            checkpointer.close()  # waits for background saves: none outlives the program
+            writer.close()
+
+    def open(self, checkpointer_cls: Callable[..., Checkpointer]) -> tuple[Checkpointer, Any]:
+        """Writes MODEL_DIR's own files (the first host) and opens its checkpointer and its
+        metrics writer, which the caller closes."""
         is_host0 = jax.process_index() == 0
         if is_host0:
             self.model_dir.mkdir(parents=True, exist_ok=True)
@@ -307,12 +356,7 @@ class TrainingRun:
             best_metric=self.best_metric,
             extra_handlers={DATASET_ITEM: TrainBatchesHandler()},
         )
-        writer = MetricsWriter(self.model_dir, enabled=is_host0)
-        try:
-            return self._train_and_test(checkpointer, writer)
-        finally:
-            checkpointer.close()  # waits for background saves: none outlives the program
-            writer.close()
+        return checkpointer, MetricsWriter(self.model_dir, enabled=is_host0)
 
     def start_state(self, checkpointer: Checkpointer) -> tuple[trainer.TrainState, dict]:
         """The one training state: restored into its shardings, else initialised."""
@@ -325,55 +369,77 @@ class TrainingRun:
         print(f"resuming from {self.model_dir} at step {int(state.step)}", file=sys.stderr)
         return state, data
 
+    def evaluator(self, eval_step: EvalStep | None = None) -> SplitEvaluator:
+        """The evaluator of the run's splits, with `eval_step` (None: its own jitted one);
+        call it inside `activation_rules()`."""
+        model, loop = self.student.model, self.loop
+        return SplitEvaluator(
+            model,
+            self.student.partitioner,
+            eval_step or trainer.jit_eval_step(model, loop.label_smoothing, loop.z_loss),
+            self.inputs.mixture_or_task_name,
+            self.inputs.task_feature_lengths,
+            self.evals.batch_size,
+            self.evals.max_decode_length,
+            self.labels,
+            self.loss_weights,
+        )
+
+    def history(self, data: Mapping[str, Any]) -> MetricHistory:
+        """The early-stopping rule and the metric's values a checkpoint's data recorded."""
+        return MetricHistory(self.early_stopping, data.get("metric_history", ()))
+
     def _train_and_test(self, checkpointer: Checkpointer, writer: MetricsWriter) -> dict:
-        student, partitioner = self.student, self.student.partitioner
         state, data = self.start_state(checkpointer)
         start_step = int(state.step)
-        history = MetricHistory(self.early_stopping, data.get("metric_history", ()))
-        with partitioner.activation_rules():
-            evaluator = SplitEvaluator(
-                student.model,
-                partitioner,
-                trainer.jit_eval_step(student.model, self.loop.label_smoothing, self.loop.z_loss),
-                self.inputs.mixture_or_task_name,
-                self.inputs.task_feature_lengths,
-                self.evals.batch_size,
-                self.evals.max_decode_length,
-                self.labels,
-            )
-            loop = _Loop(self, evaluator, checkpointer, writer, history)
+        with self.student.partitioner.activation_rules():
+            evaluator = self.evaluator()
+            loop = RunLoop(self, evaluator, checkpointer, writer, self.history(data))
             if data.get("pending_eval"):  # saved before its evaluation, which did not finish
                 loop.evaluate(start_step, state)
-            if history.stop:
+            if loop.history.stop:
                 print(f"{self.model_dir} stopped early at step {start_step}", file=sys.stderr)
             elif start_step < self.loop.train_steps:
                 state = loop.run(state, start_step)
             else:
                 print(f"{self.model_dir} is already trained to step {start_step}", file=sys.stderr)
-            if not self.evals.test_split:
-                return {}
             checkpointer.wait_until_finished()
             del state  # the test needs only the best checkpoint's parameters
-            step, step_dir = checkpoints.checkpoint_dir(self.model_dir, "best")
-            results = evaluator(student.restore_params(step_dir), self.evals.test_split)
+            return self.test(evaluator, writer)
+
+    def test(
+        self, evaluator: SplitEvaluator, writer: MetricsWriter, name: str = ""
+    ) -> dict[str, float]:
+        """Tests the best checkpoint on `test_split` and writes `test_results.json`; call it
+        inside `activation_rules()` once the checkpoints are written. `name` heads what it
+        prints."""
         split = self.evals.test_split
+        if not split:
+            return {}
+        step, step_dir = checkpoints.checkpoint_dir(self.model_dir, "best")
+        results = evaluator(self.student.restore_params(step_dir), split)
         writer.write(step, f"test_{split}", results)
         if jax.process_index() == 0:
             (self.model_dir / "test_results.json").write_text(
                 json.dumps({"step": step, **results}, indent=2) + "\n"
             )
-            print(format_results(f"{split} (checkpoint {step})", results))
+            title = f"{split} (checkpoint {step})"
+            print(format_results(f"{name}: {title}" if name else title, results))
         return results
 
-    def host_batches(self, start_step: int) -> TrainBatches:
-        """This host's rows of every global batch, from the whole stream or its own files."""
+    def host_batches(self, start_step: int, every_row: bool = False) -> TrainBatches:
+        """This host's rows of every global batch, from the whole stream or its own files;
+        with `every_row`, every row of every batch, from the whole stream (a vectorized sweep
+        on several hosts places the rows itself)."""
         inputs, partitioner = self.inputs, self.student.partitioner
         rows = partitioner.host_rows(inputs.batch_size)
-        if inputs.shard_files_by_host:
+        if every_row:
+            shard_info, batch_rows, host_rows = seqio.ShardInfo(0, 1), inputs.batch_size, None
+        elif inputs.shard_files_by_host:
             shard_info, batch_rows, host_rows = partitioner.data_shard_info(), len(rows), None
         else:
             shard_info, batch_rows, host_rows = seqio.ShardInfo(0, 1), inputs.batch_size, rows
-        if jax.process_count() > 1:
+        if jax.process_count() > 1 and not every_row:
             source = f"file shard {shard_info.index}" if inputs.shard_files_by_host else "all"
             print(
                 f"host {jax.process_index()} of {jax.process_count()} reads {source} files and "
@@ -391,6 +457,7 @@ class TrainingRun:
             start_step,
             inputs.use_cached,
             host_rows,
+            self.loss_weights,
         )
 
 
@@ -418,8 +485,11 @@ def _check_sizes(
         )
 
 
-class _Loop:
-    """The training loop of one run, from a start step to the end or to a preemption."""
+class RunLoop:
+    """One run's side of a training loop: logging, checkpoints, evaluations, early stopping;
+    and the loop itself for a run alone, from a start step to the end or to a preemption.
+    A vectorized sweep (`dsbs_jax.vectorized`) keeps one per run of its program, each
+    `name`d in what it prints."""
 
     def __init__(
         self,
@@ -428,11 +498,13 @@ class _Loop:
         checkpointer: Checkpointer,
         writer: MetricsWriter,
         history: MetricHistory,
+        name: str = "",
     ) -> None:
         self.run_, self.evaluator, self.checkpointer = run, evaluator, checkpointer
         self.writer, self.history = writer, history
         self.settings = run.loop
         self.is_host0 = jax.process_index() == 0
+        self.prefix = f"{name}: " if name else ""
 
     def save(
         self,
@@ -463,10 +535,59 @@ class _Loop:
         results = self.evaluator(state.params, split)
         self.writer.write(step, "training_eval", results)
         if self.is_host0:  # tqdm.write prints even when the bar is off
-            tqdm.write(format_results(f"{split} at step {step}", results))
+            tqdm.write(format_results(f"{self.prefix}{split} at step {step}", results))
         self.history.add(results)
         self.checkpointer.save_best(step, state, self.data(step), results)
         return results
+
+    def log(
+        self, step: int, pending: Sequence[Mapping[str, np.ndarray]], steps: int, since: float
+    ) -> dict[str, float]:
+        """Writes the means of the metrics of the steps up to `step` and the rates of the
+        last `steps` steps, timed from `since`; returns them."""
+        logged = _mean_metrics(pending, step - len(pending) + 1)
+        logged.update(_throughput(logged, steps, since, self.run_.inputs.batch_size))
+        self.writer.write(step, "train", logged)
+        return logged
+
+    def needs_state(self, step: int) -> bool:
+        """Whether `after_step` saves or evaluates after `step`."""
+        last = self.settings.train_steps
+        return (
+            step % self.settings.eval_period == 0
+            or step == last
+            or step % self.checkpointer.period == 0
+        )
+
+    def after_step(self, step: int, state: trainer.TrainState, batches: TrainBatches) -> float:
+        """Saves and evaluates after `step` when `needs_state(step)`, and saves where it stops
+        early; returns the seconds spent evaluating."""
+        last = self.settings.train_steps
+        evaluates = step % self.settings.eval_period == 0 or step == last
+        # Saved before the evaluation, so a long one never holds up the checkpoint.
+        self.save(step, state, batches, pending_eval=evaluates, force=step == last)
+        if not evaluates:
+            return 0.0
+        eval_start = time.perf_counter()
+        self.evaluate(step, state)
+        seconds = time.perf_counter() - eval_start
+        if self.history.stop:
+            self.save(step, state, batches, force=True)
+            if self.is_host0:
+                tqdm.write(
+                    f"{self.prefix}stopping early at step {step}: {self.history.rule.metric} has "
+                    f"not improved over the last {self.history.rule.patience} evaluations"
+                )
+        return seconds
+
+    def batches(self, start_step: int, every_row: bool = False) -> TrainBatches:
+        """The run's batches (`TrainingRun.host_batches`) from `start_step`, at the input
+        position saved with that step's checkpoint, else replayed to it (said so)."""
+        batches = self.run_.host_batches(start_step, every_row)
+        if start_step:
+            restore = TrainBatchesRestore(batches)
+            self.checkpointer.restore_item(DATASET_ITEM, restore, step=start_step)
+        return batches
 
     def run(self, state: trainer.TrainState, start_step: int) -> trainer.TrainState:
         run, settings = self.run_, self.settings
@@ -481,10 +602,7 @@ class _Loop:
             settings.z_loss,
         )
         rng = trainer.dropout_key(settings.random_seed, settings.use_hardware_rng)
-        batches = run.host_batches(start_step)
-        if start_step:  # the input position saved with the state, else a replay, said so
-            restore = TrainBatchesRestore(batches)
-            self.checkpointer.restore_item(DATASET_ITEM, restore, step=start_step)
+        batches = self.batches(start_step)
         pending: list[dict[str, jax.Array]] = []
         window_start, window_step = time.perf_counter(), start_step
         last = settings.train_steps
@@ -498,11 +616,9 @@ class _Loop:
                 state, metrics = train_step(state, partitioner.shard_batch(next(batches)), rng)
                 pending.append(metrics)
                 if step % settings.log_period == 0 or step == last:
-                    logged = _mean_metrics(jax.device_get(pending), step - len(pending) + 1)
-                    logged.update(
-                        _throughput(logged, step - window_step, window_start, run.inputs.batch_size)
+                    logged = self.log(
+                        step, jax.device_get(pending), step - window_step, window_start
                     )
-                    self.writer.write(step, "train", logged)
                     bar.set_postfix(
                         loss=f"{logged['loss']:.4f}",
                         ex_per_s=f"{logged['examples_per_second']:.1f}",
@@ -510,20 +626,10 @@ class _Loop:
                     )
                     pending, window_start, window_step = [], time.perf_counter(), step
                 bar.update(1)
-                evaluates = step % settings.eval_period == 0 or step == last
-                # Saved before the evaluation, so a long one never holds up the checkpoint.
-                self.save(step, state, batches, pending_eval=evaluates, force=step == last)
-                if evaluates:
-                    eval_start = time.perf_counter()
-                    self.evaluate(step, state)
-                    window_start += time.perf_counter() - eval_start  # rates count training only
+                if self.needs_state(step):
+                    # rates count training only
+                    window_start += self.after_step(step, state, batches)
                 if self.history.stop:
-                    self.save(step, state, batches, force=True)
-                    if self.is_host0:
-                        bar.write(
-                            f"stopping early at step {step}: {self.history.rule.metric} has not "
-                            f"improved over the last {self.history.rule.patience} evaluations"
-                        )
                     break
                 if preemption.reached(step):
                     self.save(step, state, batches, force=True)

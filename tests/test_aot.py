@@ -127,6 +127,53 @@ def test_tiny_train_step_memory_and_flops_match_the_shapes(gin_cache_root, tmp_p
     assert 1.0 <= report["xla_flops_per_chip"] * 4 / expected <= 1.2
 
 
+def test_a_vectorized_sweeps_train_step_holds_its_runs_share_per_chip(gin_cache_root, tmp_path):
+    """`--runs=4` on a v5e:2x2 mesh of 2 runs x 2 data: each chip holds two runs' whole state
+    (stacked, split over "runs") and its rows of their batches, and XLA counts 4 runs' FLOPs."""
+    parse_gin(
+        ["runs/base.gin", "models/tiny.gin"],
+        [
+            f"DATA_DIR = '{gin_cache_root}'",
+            f"MIXTURE_OR_TASK_NAME = '{MIXTURE}'",
+            "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 32}",
+            "BATCH_SIZE = 8",
+            "Partitioner.num_runs_partitions = 2",
+            "t5_config.emb_dim = 128",
+            "t5_config.mlp_dim = 256",
+            "t5_config.vocab_size = 256",
+            "t5_config.head_dim = 64",
+            "t5_config.num_encoder_layers = 1",
+            "t5_config.num_decoder_layers = 1",
+        ],
+        [],
+    )
+    out = tmp_path / "runs.json"
+    aot.compile_for_topology("v5e:2x2", str(out), ["train_step"], runs=4)
+    result = json.loads(out.read_text())
+    assert (result["runs"], result["mesh"]) == (4, {"runs": 2, "data": 2, "model": 1})
+    report = result["programs"]["train_step"]
+    assert report["fits"]
+
+    settings = aot.train_settings(aot.topology_devices("v5e", "v5e:2x2"))
+    config = build_model_config(settings["model_config"], 128)
+    student = Student(config, settings["partitioner"])
+    state_bytes = 2 * _bytes_per_chip(student.abstract_train_state(settings["optimizer"]))
+    batch_bytes = 2 * _bytes_per_chip(  # two runs' halves of their batches
+        {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=student.partitioner.data_sharding)
+            for k, v in batch_spec({"inputs": 64, "targets": 32}, 8, True).items()
+        }
+    )
+    shapes_bytes = state_bytes + batch_bytes + 2 * 8  # and two threefry keys
+    assert shapes_bytes <= report["argument_bytes"] < 1.01 * shapes_bytes
+    assert state_bytes <= report["alias_bytes"] < 1.01 * state_bytes
+    expected = 4 * aot.model_flops(config, 8, 64, 32, train=True)
+    assert report["model_flops"] == expected
+    assert 1.0 <= report["xla_flops_per_chip"] * 4 / expected <= 1.25
+    with pytest.raises(ValueError, match="--runs=3 does not divide"):
+        aot.compile_for_topology("v5e:2x2", None, ["train_step"], runs=3)
+
+
 def test_command_line_refuses_an_unknown_slice_in_one_line(capsys):
     try:
         status = aot.main(["--gin_file=runs/demo.gin", "--topology=v9-8"])

@@ -177,3 +177,40 @@ def test_the_headline_sweep_config_parses(gin_cache_root):
     parse_gin(["sweeps/synthetic_data_efficiency.gin"], [], [])
     assert gin.query_parameter("MIXTURE_OR_TASK_NAME/macro.value") == "dsbs_synthetic_step_by_step"
     assert gin.query_parameter("TRAIN_STEPS/macro.value") == 1500
+
+
+@pytest.mark.parametrize("mode", [[], ["--vectorized"]], ids=["separate", "vectorized"])
+def test_finished_runs_made_with_other_flags_are_refused(gin_cache_root, tmp_path, capsys, mode):
+    """Rerun with TRAIN_STEPS=6 over finished runs made with 4: one line naming the flags,
+    instead of "4 finished, 0 to run" and the old results."""
+    flags = _sweep_flags(gin_cache_root, tmp_path)
+    assert sweep.main([*flags, "--print_commands"]) == 0  # records every run's flags
+    for run_file in tmp_path.glob(f"*/{results.RUN_FILE}"):
+        (run_file.parent / results.TEST_RESULTS_FILE).write_text(
+            json.dumps({"step": 4, "test/dsbs_synthetic_label_llm/accuracy": 50.0})
+        )
+    capsys.readouterr()
+    longer = [f.replace("TRAIN_STEPS=4", "TRAIN_STEPS=6") for f in flags]
+    assert sweep.main([*longer, *mode]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "holds a run made with other flags" in line
+    assert "(with --gin.TRAIN_STEPS=4, without --gin.TRAIN_STEPS=6)" in line
+    assert sweep.main([*flags, *mode]) == 0  # the flags they were made with: all finished
+    assert "4 finished, 0 to run" in capsys.readouterr().err
+
+
+def test_check_prints_the_programs_and_runs_and_writes_nothing(gin_cache_root, tmp_path, capsys):
+    flags = [f for f in _sweep_flags(gin_cache_root, tmp_path) if not f.startswith("--sweep")]
+    flags.append("--sweep=TRAIN_STEPS=[4,6]")  # another step count: another program
+    assert sweep.main([*flags, "--vectorized", "--check"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"check: the sweep of 4 runs under {tmp_path}: 0 finished, 4 to run"
+    assert out[1].startswith("  program 1: 2 run(s) of 2+2 layers, emb_dim 32, batch 8 of 64/64")
+    assert out[1].endswith("4 steps, mesh {'data': 8, 'model': 1}")
+    assert out[2:4] == ["    dsbs,TRAIN_STEPS=4: new", "    finetune,TRAIN_STEPS=4: new"]
+    assert out[4].startswith("  program 2: 2 run(s)") and "6 steps" in out[4]
+    assert sweep.main([*flags, "--check"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        f"  {name}: new" for name in ("dsbs,TRAIN_STEPS=4", "finetune,TRAIN_STEPS=4")
+    ] + [f"  {name}: new" for name in ("dsbs,TRAIN_STEPS=6", "finetune,TRAIN_STEPS=6")]
+    assert not list(tmp_path.iterdir())
