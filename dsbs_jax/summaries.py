@@ -36,6 +36,24 @@ class MetricsWriter:
                 tf.summary.scalar(name, value)
         self._writers[group].flush()
 
+    def written(self, step: int, group: str) -> dict[str, float] | None:
+        """The last record of `group` at `step` in metrics.jsonl, or None; read on every host.
+        A line cut short by a kill is skipped."""
+        path = self._dir / "metrics.jsonl"
+        if not path.exists():
+            return None
+        found = None
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step") == step and record.get("group") == group:
+                found = record
+        if found is None:
+            return None
+        return {k: float(v) for k, v in found.items() if k not in ("step", "group")}
+
     def close(self) -> None:
         for writer in self._writers.values():
             writer.close()

@@ -395,8 +395,8 @@ class TrainingRun:
         with self.student.partitioner.activation_rules():
             evaluator = self.evaluator()
             loop = RunLoop(self, evaluator, checkpointer, writer, self.history(data))
-            if data.get("pending_eval"):  # saved before its evaluation, which did not finish
-                loop.evaluate(start_step, state)
+            if data.get("pending_eval"):
+                loop.finish_evaluation(start_step, state)
             if loop.history.stop:
                 print(f"{self.model_dir} stopped early at step {start_step}", file=sys.stderr)
             elif start_step < self.loop.train_steps:
@@ -539,6 +539,18 @@ class RunLoop:
         self.history.add(results)
         self.checkpointer.save_best(step, state, self.data(step), results)
         return results
+
+    def finish_evaluation(self, step: int, state: trainer.TrainState) -> None:
+        """Completes the evaluation of a checkpoint saved before it (its data's
+        `pending_eval`): runs it, or, when metrics.jsonl shows it ended before the run stopped,
+        adds its result to the history the checkpoint lacks and makes the best checkpoint it
+        made (again: `save_best` skips a step it holds and one that does not improve)."""
+        results = self.writer.written(step, "training_eval")
+        if results is None:
+            self.evaluate(step, state)
+            return
+        self.history.add(results)
+        self.checkpointer.save_best(step, state, self.data(step), results)
 
     def log(
         self, step: int, pending: Sequence[Mapping[str, np.ndarray]], steps: int, since: float

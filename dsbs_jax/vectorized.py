@@ -297,10 +297,10 @@ class _Slot:
         return state
 
     def evaluate_pending(self, step: int, state: trainer.TrainState) -> None:
-        """Evaluates `step` when its checkpoint was saved before an evaluation that did not end."""
+        """Completes the evaluation `step`'s checkpoint was saved before (`finish_evaluation`)."""
         if self.data.get("pending_eval"):
             self.activate()
-            self.loop.evaluate(step, state)
+            self.loop.finish_evaluation(step, state)
 
     def fail(self, error: Exception) -> None:
         print(f"error: {self.member.name}: {error}", file=sys.stderr)

@@ -398,6 +398,14 @@ def test_the_last_checkpoint_does_not_wait_for_the_last_evaluation(
     out = capsys.readouterr()
     assert "validation at step 3:" in out.out + out.err
     assert "already trained to step 3" in out.err
+    # Run again, the finished evaluation is not repeated: one record of it, one best checkpoint.
+    assert main(flags) == 0
+    assert "validation at step 3:" not in "".join(capsys.readouterr())
+    records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["group"] == "training_eval"] == [3]
+    assert [p.name for p in (model_dir / "best").iterdir() if p.name.startswith("checkpoint")] == [
+        "checkpoint_3"
+    ]
     assert (model_dir / "best" / "checkpoint_3").is_dir()
     assert json.loads((model_dir / "test_results.json").read_text())["step"] == 3
 
