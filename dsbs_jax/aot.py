@@ -39,7 +39,7 @@ from typing import Any
 
 import jax
 
-from dsbs_jax import decoding, trainer
+from dsbs_jax import decoding, startup, trainer
 from dsbs_jax.errors import UserError
 from dsbs_jax.gin_utils import run
 from dsbs_jax.model_config import build_model_config
@@ -104,11 +104,12 @@ def topology_devices(generation: str, topology: str) -> list[jax.Device]:
     # real chips), and there are no TPU workers to look up.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    description = topologies.get_topology_desc(
-        topology_name=topology,
-        platform="tpu",
-        chip_config_name="megacore" if CHIPS[generation].megacore else "default",
-    )
+    with startup.quiet_start(startup.verbose_requested([])):  # libtpu's start-up lines
+        description = topologies.get_topology_desc(
+            topology_name=topology,
+            platform="tpu",
+            chip_config_name="megacore" if CHIPS[generation].megacore else "default",
+        )
     return list(description.devices)
 
 

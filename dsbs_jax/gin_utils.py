@@ -225,6 +225,8 @@ def run(
     if not args.gin_file:
         parser.error("give at least one --gin_file (e.g. --gin_file=runs/demo.gin)")
     verbose = args.verbose or startup.verbose_requested([])
+    if verbose:  # for what starts later (libtpu's compile-only devices) and child processes
+        os.environ[startup.VERBOSE_ENV] = "1"
     startup.start_tensorflow(verbose)
     try:
         bindings = [*args.gin_bindings, *gin_flags]

@@ -40,7 +40,6 @@ import gin
 
 from dsbs_jax import results as results_lib
 from dsbs_jax import startup
-from dsbs_jax.data.run_inputs import ensure_run_inputs
 from dsbs_jax.errors import EXIT_BAD_INPUT, UserError
 from dsbs_jax.gin_utils import check_macros_used, one_line, parse_gin, split_gin_flags
 from dsbs_jax.partitioning import initialize_distributed
@@ -221,6 +220,11 @@ def _parser() -> argparse.ArgumentParser:
         help="check every run's flags, data and directory, print what would run, and exit",
     )
     parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show TensorFlow's, XLA's and libtpu's start-up logs (also DSBS_VERBOSE=1)",
+    )
+    parser.add_argument(
         "--aggregate_only", action="store_true", help="only aggregate the finished runs"
     )
     return parser
@@ -240,6 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--vectorized trains the runs in this process: no --jobs, --print_commands")
     if not args.gin_file:
         parser.error("give at least one --gin_file (e.g. --gin_file=runs/demo.gin)")
+    verbose = args.verbose or startup.verbose_requested([])
+    if verbose:  # the runs' processes too
+        os.environ[startup.VERBOSE_ENV] = "1"
+    startup.start_tensorflow(verbose)  # before the gin files import the tasks
     try:
         axes = dict(parse_sweep_flag(flag) for flag in args.sweep)
         parse_gin(args.gin_file, [*args.gin_bindings, *gin_flags], args.gin_search_paths)
@@ -251,7 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = plan([m.strip() for m in args.methods.split(",") if m.strip()], axes)
         if not args.aggregate_only:
             if args.vectorized or args.check:  # runs planned here: JAX first, as `train` does
-                _start_jax(startup.verbose_requested(argv))
+                _start_jax(verbose)
+            from dsbs_jax.data.run_inputs import ensure_run_inputs  # TensorFlow's side
+
             ensure_run_inputs(_macro("MIXTURE_OR_TASK_NAME"))  # once, not in every run
     except Exception as e:  # a bad flag, gin file or binding: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
@@ -316,9 +326,8 @@ Launch = tuple[Run, Path, list[str]]  # a run, its MODEL_DIR and the flags that 
 
 
 def _start_jax(verbose: bool) -> None:
-    """Starts TensorFlow and JAX quietly, JAX joined to the other hosts as the gin config
-    says (`initialize_distributed`), before anything uses JAX."""
-    startup.start_tensorflow(verbose)
+    """Starts JAX quietly, joined to the other hosts as the gin config says
+    (`initialize_distributed`), before anything uses JAX."""
     with startup.quiet_start(verbose):
         initialize_distributed()
     startup.start_jax(verbose)

@@ -22,6 +22,7 @@ import numpy as np
 
 # t5x's OrbaxCheckpointManagerInterface writes the item and step folders that ours have.
 from dsbs_jax.checkpoints import PARAMS_KEY, STATE_ITEM, STEP_PREFIX
+from dsbs_jax.model_config import SHAPE_FIELDS
 
 if TYPE_CHECKING:
     from dsbs_jax.models.t5 import T5Config
@@ -32,15 +33,7 @@ T5X_PARAMS = "target"
 # values (vocab_size 32128, float32_attention_logits False). dtype and dropout_rate are the
 # run's choice, not the checkpoint's.
 NETWORK_FIELDS = (
-    "vocab_size",
-    "emb_dim",
-    "num_heads",
-    "head_dim",
-    "mlp_dim",
-    "num_encoder_layers",
-    "num_decoder_layers",
-    "mlp_activations",
-    "logits_via_embedding",
+    *(f for f in SHAPE_FIELDS if f != "relative_attention_num_buckets"),  # t5x fixes it at 32
     "float32_attention_logits",
 )
 

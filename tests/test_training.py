@@ -219,6 +219,24 @@ def test_demo_style_run_learns_and_resumes(gin_cache_root, tmp_path, capsys):
     for key in tested:
         np.testing.assert_allclose(evaluated[key], tested[key], rtol=1e-6, err_msg=key)
 
+    # Its parameters alone (`convert --format ours`) evaluate to the same figures.
+    from dsbs_jax.convert import main as convert_main
+
+    converted, best = tmp_path / "converted", tmp_path / "run" / "best" / f"checkpoint_{step}"
+    assert convert_main(["--from", str(best), "--to", str(converted), "--format", "ours"]) == 0
+    capsys.readouterr()
+    converted_flags = [
+        *flags,
+        f"--gin.MODEL_DIR='{converted}'",
+        "--gin.evaluate.checkpoint='latest'",
+    ]
+    assert eval_main(converted_flags) == 0
+    assert "test/dsbs_synthetic_label_llm/accuracy = " in capsys.readouterr().out
+    again = json.loads((converted / f"eval_test_checkpoint_{step}.json").read_text())
+    assert again.keys() == tested.keys()
+    for key in tested:
+        np.testing.assert_allclose(again[key], tested[key], rtol=1e-6, err_msg=key)
+
     from dsbs_jax.infer import main as infer_main
 
     inputs = tmp_path / "inputs.jsonl"
