@@ -822,10 +822,12 @@ class T5(nn.Module):
         )
 
 
+@functools.lru_cache(maxsize=16)
 def abstract_params(config: T5Config, boxed: bool = True) -> Any:
     """The model's parameters as ShapeDtypeStructs, allocating nothing (the tree `init` makes):
     boxed with their logical axis names, or plain (unboxed without sharding constraints, so
-    also inside `Partitioner.activation_rules`)."""
+    also inside `Partitioner.activation_rules`). Cached: a sweep plans many runs of one model,
+    and tracing `init` takes a fraction of a second; treat the tree as read-only."""
 
     def init() -> Any:  # the key too is made in the trace: nothing runs on any device
         tokens = jnp.ones((1, 1), jnp.int32)
