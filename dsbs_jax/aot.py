@@ -39,7 +39,7 @@ from typing import Any
 
 import jax
 
-from dsbs_jax import decoding, startup, trainer
+from dsbs_jax import cpu_memory, decoding, startup, trainer
 from dsbs_jax.errors import UserError
 from dsbs_jax.gin_utils import run
 from dsbs_jax.model_config import build_model_config
@@ -256,7 +256,11 @@ def train_settings(devices: Sequence[jax.Device]) -> dict[str, Any]:
     run's partitioner made over `devices` (the slice's compile-only ones, not this host's)."""
     from dsbs_jax import training  # TensorFlow's side: imported once gin_utils.run started it
 
-    return training.train_arguments(devices)
+    settings = training.train_arguments(devices)
+    # What train() makes of the ones left open on TPUs (`dsbs_jax.cpu_memory`).
+    settings["num_microbatches"] = settings["num_microbatches"] or 1
+    settings["eval_batch_size"] = settings["eval_batch_size"] or cpu_memory.EVAL_BATCH_SIZE
+    return settings
 
 
 def _sharded(spec: Mapping[str, jax.ShapeDtypeStruct], sharding: Any) -> dict[str, Any]:

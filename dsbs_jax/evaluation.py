@@ -181,7 +181,8 @@ class SplitEvaluator:
     """A split's figures for a student's parameters: the mixture's teacher-forced losses, and
     label metrics in each mode of `labels`. A task's split is read once, at its first
     evaluation, and kept for the later ones. `loss_weights` weigh the losses as in training
-    (None: gin's `step_by_step_loss_weights`)."""
+    (None: gin's `step_by_step_loss_weights`). Batches have `batch_size` rows, those of the
+    teacher-forced losses `loss_batch_size` (None: `batch_size`)."""
 
     def __init__(
         self,
@@ -194,11 +195,13 @@ class SplitEvaluator:
         max_decode_length: int | None,
         labels: LabelEvaluation,
         loss_weights: Mapping[int, float] | None = None,
+        loss_batch_size: int | None = None,
     ) -> None:
         self._model, self._partitioner, self._eval_step = model, partitioner, eval_step
         self._loss_weights = loss_weights
         self._name, self._lengths = mixture_or_task_name, task_feature_lengths
         self._batch_size = batch_size
+        self._loss_batch_size = loss_batch_size or batch_size
         self._max_decode_length = max_decode_length or task_feature_lengths["targets"]
         self._labels = labels
         self._examples: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -211,7 +214,7 @@ class SplitEvaluator:
             self._name,
             self._lengths,
             split,
-            self._batch_size,
+            self._loss_batch_size,
             self._loss_weights,
         )
         results = {f"{split}/{k}": v for k, v in losses_.items()}

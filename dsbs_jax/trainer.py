@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dsbs_jax import losses
+from dsbs_jax import cpu_memory, losses
 from dsbs_jax.errors import UserError
 from dsbs_jax.models.t5 import T5
 from dsbs_jax.partitioning import Partitioner
@@ -203,6 +203,33 @@ def jit_stacked_train_step(
         out_shardings=(shardings, runs),
         donate_argnums=(0,),
     )
+
+
+def compile_train_step(
+    model: T5,
+    optimizer: optax.GradientTransformation,
+    partitioner: Partitioner,
+    abstract_state: TrainState,
+    batch: Mapping[str, jax.ShapeDtypeStruct],
+    rng: Array,
+    num_microbatches: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> tuple[jax.stages.Compiled, int]:
+    """(program, microbatch count): `jit_train_step` compiled for global batches shaped like
+    `batch`, with `num_microbatches`; None leaves the count to `cpu_memory.fewest_microbatches`
+    (1 on accelerators). Compile it inside `activation_rules()`."""
+
+    def compile_with(count: int) -> jax.stages.Compiled:
+        step = jit_train_step(
+            model, optimizer, partitioner, abstract_state, count, label_smoothing, z_loss
+        )
+        return step.lower(abstract_state, batch, rng).compile()
+
+    if num_microbatches is not None:
+        return compile_with(num_microbatches), num_microbatches
+    rows = next(iter(batch.values())).shape[0] // partitioner.mesh.shape["data"]
+    return cpu_memory.fewest_microbatches(compile_with, rows, partitioner)
 
 
 def jit_eval_step(

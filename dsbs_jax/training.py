@@ -39,7 +39,7 @@ import seqio
 from gin import config as gin_config
 from tqdm import tqdm
 
-from dsbs_jax import checkpoint_import, checkpoints, trainer
+from dsbs_jax import checkpoint_import, checkpoints, cpu_memory, trainer
 from dsbs_jax.checkpoints import Checkpointer, model_dir_path
 from dsbs_jax.data.feature_converters import step_by_step_loss_weights
 from dsbs_jax.data.registration import task_vocabulary
@@ -53,6 +53,7 @@ from dsbs_jax.input_pipeline import (
     TrainBatchesHandler,
     TrainBatchesRestore,
     TrainBatchesSave,
+    batch_spec,
     train_batches,
 )
 from dsbs_jax.label_prediction import LabelEvaluation
@@ -89,7 +90,7 @@ class LoopSettings:
     random_seed: int = 0
     eval_period: int = 1000
     log_period: int = 10
-    num_microbatches: int = 1
+    num_microbatches: int | None = None
     label_smoothing: float = 0.0
     z_loss: float = 1e-4
     use_hardware_rng: bool = False
@@ -101,8 +102,9 @@ class EvalSettings:
 
     eval_split: str = "validation"
     test_split: str | None = "test"
-    batch_size: int = 64
+    batch_size: int = cpu_memory.EVAL_BATCH_SIZE
     max_decode_length: int | None = None
+    loss_batch_size: int = cpu_memory.EVAL_BATCH_SIZE  # rows of the teacher-forced losses
 
 
 @gin.configurable
@@ -121,12 +123,12 @@ def train(
     early_stopping: EarlyStopping | None = None,
     initial_checkpoint_path: str | None = None,
     random_seed: int = 0,
-    num_microbatches: int = 1,
+    num_microbatches: int | None = None,
     pack: bool = True,
     eval_period: int = 1000,
     eval_split: str = "validation",
     test_split: str | None = "test",
-    eval_batch_size: int = 64,
+    eval_batch_size: int | None = None,
     max_decode_length: int | None = None,
     log_period: int = 10,
     label_smoothing: float = 0.0,
@@ -147,8 +149,10 @@ def train(
     XLA's RngBitGenerator (see `trainer.dropout_key`). `checkpointer_cls` makes the
     checkpointer (gin: `@Checkpointer`, configured by `Checkpointer.period` etc.).
     `early_stopping` (gin: `@early_stopping()`) stops training when its metric stops
-    improving. `check` stops after the checks and prints what would run. Returns the test
-    split's results.
+    improving. `check` stops after the checks and prints what would run. `num_microbatches`
+    and `eval_batch_size` None: one microbatch and evaluation batches of 64; on CPU, where the
+    step's memory is the host's, as few microbatches as fit and teacher-forced losses 16 rows at
+    a time (`dsbs_jax.cpu_memory`). Returns the test split's results.
     """
     run = TrainingRun.configure(locals())
     if check:
@@ -223,8 +227,9 @@ class TrainingRun:
             a["z_loss"],
             a["use_hardware_rng"],
         )
+        loss_rows, label_rows = cpu_memory.eval_batch_sizes(a["partitioner"], a["eval_batch_size"])
         evals = EvalSettings(
-            a["eval_split"], a["test_split"], a["eval_batch_size"], a["max_decode_length"]
+            a["eval_split"], a["test_split"], label_rows, a["max_decode_length"], loss_rows
         )
         return cls.plan(
             model_dir_path(a["model_dir"]),
@@ -323,16 +328,34 @@ class TrainingRun:
                 f"  batch       {self.inputs.batch_size} rows of {lengths['inputs']}/"
                 f"{lengths['targets']} tokens ({rows} fed by this host), "
                 f"{'packed' if self.inputs.pack else 'not packed'}, "
-                f"{self.loop.num_microbatches} microbatch(es)",
+                f"{self._microbatches()}",
                 f"  steps       {self.loop.train_steps}, evaluation every "
                 f"{self.loop.eval_period} on {self.evals.eval_split} "
-                f"({', '.join(self.labels.modes)}), test on {self.evals.test_split}",
+                f"({', '.join(self.labels.modes)}), test on {self.evals.test_split}, "
+                f"batches of {self.evals.batch_size} ({self.evals.loss_batch_size} for losses)",
                 f"  data        {self.inputs.mixture_or_task_name}, vocabulary "
                 f"{getattr(self.vocabulary, 'sentencepiece_model_file', '?')} "
                 f"({self.vocabulary.vocab_size} pieces)",
                 f"  MODEL_DIR   {self.model_dir}: {start}",
             ]
         )
+
+    def _microbatches(self) -> str:
+        count = self.loop.num_microbatches
+        if count is not None:
+            return f"{count} microbatch(es)"
+        if cpu_memory.on_cpu(self.student.partitioner):
+            gib = cpu_memory.CPU_STEP_BYTES / cpu_memory.GiB
+            return f"as few microbatches as keep XLA's temporaries within {gib:g} GiB"
+        return "1 microbatch"
+
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """A global training batch as sharded ShapeDtypeStructs: what `host_batches` feeds."""
+        inputs, sharding = self.inputs, self.student.partitioner.data_sharding
+        spec = batch_spec(inputs.task_feature_lengths, inputs.batch_size, inputs.pack)
+        return {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in spec.items()
+        }
 
     def execute(self, checkpointer_cls: Callable[..., Checkpointer]) -> dict[str, float]:
         """Writes MODEL_DIR, trains, evaluates and tests; returns the test results."""
@@ -383,6 +406,7 @@ class TrainingRun:
             self.evals.max_decode_length,
             self.labels,
             self.loss_weights,
+            self.evals.loss_batch_size,
         )
 
     def history(self, data: Mapping[str, Any]) -> MetricHistory:
@@ -473,7 +497,8 @@ def _check_sizes(
                 f"{data_size} ({partitioner.mesh.devices.size} devices / "
                 f"{partitioner.num_partitions} partitions)"
             )
-    if loop.num_microbatches < 1 or (inputs.batch_size // data_size) % loop.num_microbatches:
+    micro = loop.num_microbatches
+    if micro is not None and (micro < 1 or (inputs.batch_size // data_size) % micro):
         raise UserError(
             f"train.num_microbatches={loop.num_microbatches} must divide the batch's rows per "
             f"data-parallel shard ({inputs.batch_size // data_size})"
@@ -604,16 +629,20 @@ class RunLoop:
     def run(self, state: trainer.TrainState, start_step: int) -> trainer.TrainState:
         run, settings = self.run_, self.settings
         student, partitioner = run.student, run.student.partitioner
-        train_step = trainer.jit_train_step(
+        rng = trainer.dropout_key(settings.random_seed, settings.use_hardware_rng)
+        train_step, count = trainer.compile_train_step(
             student.model,
             run.optimizer,
             partitioner,
             run.abstract_state,
+            run.abstract_batch(),
+            rng,
             settings.num_microbatches,
             settings.label_smoothing,
             settings.z_loss,
         )
-        rng = trainer.dropout_key(settings.random_seed, settings.use_hardware_rng)
+        if settings.num_microbatches is None and self.is_host0:
+            cpu_memory.report_microbatches(train_step, count, run.inputs.batch_size, partitioner)
         batches = self.batches(start_step)
         pending: list[dict[str, jax.Array]] = []
         window_start, window_step = time.perf_counter(), start_step

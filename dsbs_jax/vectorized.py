@@ -46,7 +46,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from dsbs_jax import checkpoint_import, checkpoints, trainer
+from dsbs_jax import checkpoint_import, checkpoints, cpu_memory, trainer
 from dsbs_jax.checkpoints import Checkpointer
 from dsbs_jax.errors import UserError
 from dsbs_jax.evaluation import EvalStep
@@ -418,6 +418,31 @@ class _Group:
         )
         return jax.device_put(keys, self.partitioner.stacked(self.partitioner.replicated))
 
+    def _microbatches(self) -> int:
+        """The group's microbatch count: the run files' `train.num_microbatches`, else the
+        count each run takes alone (`trainer.compile_train_step`: on CPU, from its own step's
+        memory), so that a run computes what it computes alone, whatever the group's size."""
+        lead, settings = self.lead, self.lead.loop
+        if settings.num_microbatches is not None:
+            return settings.num_microbatches
+        if not cpu_memory.on_cpu(self.partitioner):
+            return 1
+        alone, count = trainer.compile_train_step(
+            self.student.model,
+            lead.optimizer,
+            self.partitioner,
+            lead.abstract_state,
+            lead.abstract_batch(),
+            trainer.dropout_key(settings.random_seed, settings.use_hardware_rng),
+            None,
+            settings.label_smoothing,
+            settings.z_loss,
+        )
+        if jax.process_index() == 0:
+            rows = lead.inputs.batch_size
+            cpu_memory.report_microbatches(alone, count, rows, self.partitioner)
+        return count
+
     def _batches(self, start: int) -> dict[_Slot, TrainBatches]:
         """Each training run's input pipeline from `start`, built under its own gin config and
         restored to the position saved with its checkpoint. One process feeds every row, as a
@@ -435,7 +460,7 @@ class _Group:
             self.lead.optimizer,
             self.partitioner,
             self.stacked,
-            settings.num_microbatches,
+            self._microbatches(),
             settings.label_smoothing,
             settings.z_loss,
         )

@@ -107,6 +107,8 @@ def test_tiny_train_step_memory_and_flops_match_the_shapes(gin_cache_root, tmp_p
     assert report["fits"] and report["hbm_bytes"] == 16 * aot.GiB
 
     settings = aot.train_settings(aot.topology_devices("v5e", "v5e:2x2"))
+    # Left open, TPUs keep the whole batch in one step and evaluate 64 rows at a time.
+    assert (settings["num_microbatches"], settings["eval_batch_size"]) == (1, 64)
     config = build_model_config(settings["model_config"], 128)
     student = Student(config, settings["partitioner"])
     batch = {

@@ -455,4 +455,6 @@ def test_check_prints_what_would_run_and_writes_nothing(gin_cache_root, tmp_path
     assert "steps       7, evaluation every" in out
     assert f"MODEL_DIR   {model_dir}: a new run" in out
     assert "mesh        {'data': 8, 'model': 1} over 8 cpu device(s)" in out
+    assert "as few microbatches as keep XLA's temporaries within 1 GiB" in out
+    assert "test on test, batches of 32 (32 for losses)" in out
     assert not model_dir.exists()
