@@ -177,7 +177,7 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_the_rerun_matches(gin_ca
     """A preemption notice reaching one of two processes: both save the same step and exit
     143; rerunning the same command ends with the parameters of an uninterrupted run."""
     straight, preempted = tmp_path / "straight", tmp_path / "preempted"
-    steps, period = 36, 1000
+    steps, period = 30, 1000
     running = _start(_flags(gin_cache_root, straight, steps, 1, period), 2)
     running += _start(_flags(gin_cache_root, preempted, steps, 1, period), 2)
     metrics = preempted / "metrics.jsonl"
