@@ -21,9 +21,6 @@ _OWN_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_COMPILATION_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsbs_jax_test_jit_")
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
-    # Every program, not only those compiling for over a second (JAX's default): most of the
-    # tests' programs are small ones, compiled again in every worker and launched command.
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import gin  # noqa: E402
 import pytest  # noqa: E402
