@@ -200,6 +200,14 @@ def check_macros_used(names: Iterable[str]) -> None:
             )
 
 
+def start_jax(verbose: bool, *distributed: str | int | None) -> None:
+    """Joins JAX to the other hosts (`initialize_distributed(*distributed)`, gin giving what is
+    not passed) and starts its backends, quietly unless `verbose`."""
+    with startup.quiet_start(verbose):
+        initialize_distributed(*distributed)
+    startup.start_jax(verbose)
+
+
 def run(
     main: Callable[[argparse.Namespace], object],
     argv: Sequence[str] | None,
@@ -224,10 +232,7 @@ def run(
     args = parser.parse_args(rest)
     if not args.gin_file:
         parser.error("give at least one --gin_file (e.g. --gin_file=runs/demo.gin)")
-    verbose = args.verbose or startup.verbose_requested([])
-    if verbose:  # for what starts later (libtpu's compile-only devices) and child processes
-        os.environ[startup.VERBOSE_ENV] = "1"
-    startup.start_tensorflow(verbose)
+    verbose = startup.start(args.verbose)
     try:
         bindings = [*args.gin_bindings, *gin_flags]
         if args.tfds_data_dir:
@@ -236,9 +241,7 @@ def run(
     except Exception as e:  # gin raises many types for a bad file or binding
         print(f"error: bad gin configuration: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    with startup.quiet_start(verbose):
-        initialize_distributed(args.coordinator_address, args.process_count, args.process_index)
-    startup.start_jax(verbose)
+    start_jax(verbose, args.coordinator_address, args.process_count, args.process_index)
     try:
         main(args)
     except UserError as e:

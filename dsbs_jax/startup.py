@@ -64,6 +64,17 @@ def quiet_start(verbose: bool = False) -> Iterator[None]:
             sys.stderr.flush()
 
 
+def start(verbose_flag: bool) -> bool:
+    """Whether the frameworks' logs are wanted (`--verbose`, or DSBS_VERBOSE), passed on to
+    what starts later (libtpu's compile-only devices) and to child processes; then TensorFlow,
+    started quietly unless they are wanted. Returns whether they are."""
+    verbose = verbose_flag or verbose_requested([])
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    start_tensorflow(verbose)
+    return verbose
+
+
 def start_tensorflow(verbose: bool = False) -> None:
     """Imports TensorFlow, quietly, and hides GPUs and TPUs from it (JAX owns them)."""
     with quiet_start(verbose):

@@ -41,8 +41,7 @@ import gin
 from dsbs_jax import results as results_lib
 from dsbs_jax import startup
 from dsbs_jax.errors import EXIT_BAD_INPUT, UserError
-from dsbs_jax.gin_utils import check_macros_used, one_line, parse_gin, split_gin_flags
-from dsbs_jax.partitioning import initialize_distributed
+from dsbs_jax.gin_utils import check_macros_used, one_line, parse_gin, split_gin_flags, start_jax
 from dsbs_jax.preemption import EXIT_PREEMPTED, Preempted
 
 # A method's name → the mixture suffix of its SeqIO registration (dsbs_<dataset>_<suffix>).
@@ -244,10 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--vectorized trains the runs in this process: no --jobs, --print_commands")
     if not args.gin_file:
         parser.error("give at least one --gin_file (e.g. --gin_file=runs/demo.gin)")
-    verbose = args.verbose or startup.verbose_requested([])
-    if verbose:  # the runs' processes too
-        os.environ[startup.VERBOSE_ENV] = "1"
-    startup.start_tensorflow(verbose)  # before the gin files import the tasks
+    verbose = startup.start(args.verbose)  # TensorFlow before the gin files import the tasks
     try:
         axes = dict(parse_sweep_flag(flag) for flag in args.sweep)
         parse_gin(args.gin_file, [*args.gin_bindings, *gin_flags], args.gin_search_paths)
@@ -259,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = plan([m.strip() for m in args.methods.split(",") if m.strip()], axes)
         if not args.aggregate_only:
             if args.vectorized or args.check:  # runs planned here: JAX first, as `train` does
-                _start_jax(verbose)
+                start_jax(verbose)  # joined to the other hosts as the gin config says
             from dsbs_jax.data.run_inputs import ensure_run_inputs  # TensorFlow's side
 
             ensure_run_inputs(_macro("MIXTURE_OR_TASK_NAME"))  # once, not in every run
@@ -325,17 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 Launch = tuple[Run, Path, list[str]]  # a run, its MODEL_DIR and the flags that train it
 
 
-def _start_jax(verbose: bool) -> None:
-    """Starts JAX quietly, joined to the other hosts as the gin config says
-    (`initialize_distributed`), before anything uses JAX."""
-    with startup.quiet_start(verbose):
-        initialize_distributed()
-    startup.start_jax(verbose)
-
-
 def _members(todo: Sequence[Launch]) -> list[Any]:
     """Each run planned in this process under its own gin config (`vectorized.plan_member`)."""
-    from dsbs_jax import vectorized  # TensorFlow's side: once `_start_jax` has started it
+    from dsbs_jax import vectorized  # TensorFlow's side: once `start_jax` has started it
 
     return [
         vectorized.plan_member(run.name, vectorized.RunConfig.from_flags(flags))
