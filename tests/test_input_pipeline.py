@@ -215,6 +215,15 @@ def _checkpointer(model_dir: Path) -> Checkpointer:
     )
 
 
+def _assert_resumes_at_saved_step(ckpt: Checkpointer, host: tuple, expected: list[dict]) -> None:
+    """The latest checkpoint is SAVED_AT's, and the input position saved with it gives the
+    batches after it: `expected`, without running the ones before."""
+    assert ckpt.latest_step() == SAVED_AT
+    resumed = _batches(host, start_step=SAVED_AT)
+    assert ckpt.restore_item(DATASET_ITEM, TrainBatchesRestore(resumed)) is True
+    _assert_equal(_take(resumed, COMPARED), expected)
+
+
 def test_checkpoint_with_the_dataset_item(gin_cache_root, tmp_path, capsys):
     """Saved with the training state at an arbitrary step, restored from the latest checkpoint;
     a checkpoint saved without the item (as before it existed) still restores, by replay."""
@@ -228,10 +237,7 @@ def test_checkpoint_with_the_dataset_item(gin_cache_root, tmp_path, capsys):
         ckpt.save(SAVED_AT, state, {}, extra={DATASET_ITEM: TrainBatchesSave(uninterrupted)})
         expected = _take(uninterrupted, COMPARED)
     with _checkpointer(tmp_path) as ckpt:
-        assert ckpt.latest_step() == SAVED_AT
-        resumed = _batches(host, start_step=SAVED_AT)
-        assert ckpt.restore_item(DATASET_ITEM, TrainBatchesRestore(resumed)) is True
-        _assert_equal(_take(resumed, COMPARED), expected)
+        _assert_resumes_at_saved_step(ckpt, host, expected)
 
         old = _batches(host, start_step=4)
         assert ckpt.restore_item(DATASET_ITEM, TrainBatchesRestore(old), step=4) is None
@@ -291,7 +297,4 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(gin_cache_root, tmp_p
     _take(uninterrupted, SAVED_AT)
     expected = _take(uninterrupted, COMPARED)
     with _checkpointer(tmp_path) as ckpt:
-        assert ckpt.latest_step() == SAVED_AT
-        resumed = _batches(host, start_step=SAVED_AT)
-        assert ckpt.restore_item(DATASET_ITEM, TrainBatchesRestore(resumed)) is True
-        _assert_equal(_take(resumed, COMPARED), expected)
+        _assert_resumes_at_saved_step(ckpt, host, expected)
