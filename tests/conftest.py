@@ -7,9 +7,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# Eight host CPU devices, so sharding tests can build real meshes; set before JAX starts.
+# XLA flags for every test and every command a test launches (they inherit the environment),
+# set before JAX starts. The tests' models are tiny, so compiling their programs takes longer
+# than running them: LLVM's optimizations off (`COMPILE_FAST`) cut the suite's time by about a
+# quarter. Eight host CPU devices, so sharding tests can build real meshes.
+COMPILE_FAST = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    f"{os.environ.get('XLA_FLAGS', '')} {COMPILE_FAST} --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -6,7 +6,6 @@ import json
 import re
 from pathlib import Path
 
-import gin
 import jax
 import numpy as np
 import optax
@@ -52,17 +51,6 @@ def _flags(data_dir: Path, sweep_dir: Path) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def swept(builtin_cache_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A vectorized sweep of the four runs, trained to the end."""
-    import tasks  # noqa: F401  (registers the tasks)
-
-    sweep_dir = tmp_path_factory.mktemp("vectorized") / "sweep"
-    assert sweep.main([*_flags(builtin_cache_root, sweep_dir), "--vectorized"]) == 0
-    yield sweep_dir
-    gin.clear_config()
-
-
 def _records(model_dir: Path, group: str) -> dict[int, dict]:
     records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in records if r["group"] == group}
@@ -91,15 +79,30 @@ def _close(ours: dict, theirs: dict, keys) -> None:
 
 
 @pytest.mark.slow
-def test_each_run_is_the_run_alone(swept, gin_cache_root, tmp_path):
-    """Each run of the vectorized sweep against `python -m dsbs_jax.train` with its recorded
-    flags: the same losses at every step (the same batches: the same token counts), the same
-    evaluations, best checkpoint and test results, and the same test predictions."""
+def test_each_run_is_the_run_alone_and_a_killed_sweep_resumes_exactly(
+    gin_cache_root, tmp_path, monkeypatch, capsys
+):
+    """A vectorized sweep of four runs, each against `python -m dsbs_jax.train` with its
+    recorded flags (`_check_each_run_is_the_run_alone`); then the same sweep killed while
+    saving and rerun (`_check_killed_sweep_resumes_exactly`) ends with the first's bytes. One
+    test, so the first sweep trains once and serves both."""
+    swept = tmp_path / "swept"
+    assert sweep.main([*_flags(gin_cache_root, swept), "--vectorized"]) == 0
+    _check_each_run_is_the_run_alone(swept, tmp_path / "alone")
+    _check_killed_sweep_resumes_exactly(
+        swept, tmp_path / "killed", gin_cache_root, monkeypatch, capsys
+    )
+
+
+def _check_each_run_is_the_run_alone(swept: Path, alone_dir: Path) -> None:
+    """Each run against `python -m dsbs_jax.train` with its recorded flags: the same losses at
+    every step (the same batches: the same token counts), the same evaluations, best
+    checkpoint and test results, and the same test predictions."""
     first_losses = set()
     for name in RUNS:
         model_dir = swept / name
         flags = json.loads((model_dir / "run.json").read_text())["flags"]
-        alone = tmp_path / name
+        alone = alone_dir / name
         flags = [f for f in flags if not f.startswith("--gin.MODEL_DIR")]
         assert train.main([*flags, f"--gin.MODEL_DIR='{alone}'"]) == 0
 
@@ -129,15 +132,13 @@ def _state(model_dir: Path, step: int) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(restored)]
 
 
-@pytest.mark.slow
-def test_a_sweep_killed_between_its_runs_saves_resumes_exactly(
-    swept, builtin_cache_root, tmp_path, monkeypatch, capsys
-):
+def _check_killed_sweep_resumes_exactly(
+    swept: Path, sweep_dir: Path, data_dir: Path, monkeypatch, capsys
+) -> None:
     """Killed while saving step 6, after two runs saved it and before the others did: the
     rerun finishes those two and trains the others again from step 3, and every run ends
     with the uninterrupted sweep's bytes."""
-    sweep_dir = tmp_path / "sweep"
-    flags = [*_flags(builtin_cache_root, sweep_dir), "--vectorized"]
+    flags = [*_flags(data_dir, sweep_dir), "--vectorized"]
     save = Checkpointer.save
 
     def killed_at_the_third_run(self, step, *args, **kwargs):
