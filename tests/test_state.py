@@ -7,6 +7,7 @@ import gc
 import re
 from pathlib import Path
 
+import gin
 import jax
 import pytest
 
@@ -47,15 +48,23 @@ def _live_bytes() -> int:
     return sum(a.nbytes for a in jax.live_arrays())
 
 
-@pytest.fixture
-def trained(gin_cache_root, tmp_path) -> Path:
-    """A MODEL_DIR with a tiny run's checkpoint at step 2."""
-    model_dir = tmp_path / "run"
-    _plan(model_dir).execute(Checkpointer)
+@pytest.fixture(scope="module")
+def trained(builtin_cache_root, tmp_path_factory) -> Path:
+    """A MODEL_DIR with a tiny run's checkpoint at step 2, trained once for the module's tests
+    (which only read it)."""
+    import tasks  # noqa: F401  (registers the tasks)
+
+    model_dir = tmp_path_factory.mktemp("state") / "run"
+    with gin.unlock_config():
+        gin.bind_parameter("teacher_cache_root.path", str(builtin_cache_root))
+    try:
+        _plan(model_dir).execute(Checkpointer)
+    finally:
+        gin.clear_config()
     return model_dir
 
 
-def test_a_resumed_run_holds_one_training_state(trained):
+def test_a_resumed_run_holds_one_training_state(trained, gin_cache_root):
     run = _plan(trained)
     assert run.resume_dir is not None and run.resume_dir.name == "checkpoint_2"
     with Checkpointer(trained) as checkpointer:
@@ -71,7 +80,7 @@ def test_a_resumed_run_holds_one_training_state(trained):
     assert tree_bytes(state.opt_state) > 2 * tree_bytes(state.params) > 0
 
 
-def test_eval_and_infer_restore_parameters_alone(trained):
+def test_eval_and_infer_restore_parameters_alone(trained, gin_cache_root):
     before = _live_bytes()
     student, params, step = restore_student(
         trained, MIXTURE, _model_config(), Partitioner(devices=jax.devices()[:1]), "latest"
@@ -80,7 +89,7 @@ def test_eval_and_infer_restore_parameters_alone(trained):
     assert _live_bytes() - before == tree_bytes(params) == tree_bytes(student.abstract_params)
 
 
-def test_a_config_that_does_not_match_the_checkpoint_is_one_line(trained):
+def test_a_config_that_does_not_match_the_checkpoint_is_one_line(trained, gin_cache_root):
     partitioner = Partitioner(devices=jax.devices()[:1])
     with pytest.raises(UserError) as error:
         restore_student(trained, MIXTURE, _model_config(mlp_dim=96), partitioner, "latest")

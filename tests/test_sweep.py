@@ -142,13 +142,14 @@ def test_a_sweep_runs_skips_finished_runs_and_plots(gin_cache_root, tmp_path, ca
     csv_lines = (sweep_dir / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and csv_lines[0].startswith("method,TRAIN_FRACTION,metric")
 
-    # Run again after losing one run's results (as if killed before its test): only that
-    # one runs, resuming from its final checkpoint; the other is left untouched.
+    # After losing one run's results (as if killed before its test), the sweep would run only
+    # that one, resuming from its final checkpoint (tests/test_training.py resumes runs).
     lost = sweep_dir / "finetune,TRAIN_FRACTION=0.5" / results.TEST_RESULTS_FILE
     lost.unlink()
-    assert sweep.main(flags) == 0
-    assert "1 finished, 1 to run" in capsys.readouterr().err
-    assert lost.exists()
+    assert sweep.main([*flags, "--check"]) == 0
+    plan = capsys.readouterr().out
+    assert "2 runs under" in plan and "1 finished, 1 to run" in plan
+    assert plan.strip().splitlines()[1:] == ["  finetune,TRAIN_FRACTION=0.5: resumes checkpoint_4"]
     for path, mtime in finished.items():
         if path != lost:
             assert path.stat().st_mtime_ns == mtime
