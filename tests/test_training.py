@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -150,43 +149,6 @@ def _final_params(model_dir: Path) -> list[np.ndarray]:
 
         restored = ocp.StandardCheckpointer().restore(manager_dir)
     return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_parameters(gin_cache_root, tmp_path):
-    """SIGKILL after a checkpoint, run the same command again: same result as no interruption."""
-    common = (
-        "--gin.TRAIN_STEPS=30",
-        "--gin.EVAL_PERIOD=1000",
-        "--gin.Checkpointer.period=5",
-        "--gin.train.test_split=None",
-    )
-    straight = tmp_path / "straight"
-    assert main(_flags(gin_cache_root, straight, *common)) == 0
-
-    killed = tmp_path / "killed"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, "-m", "dsbs_jax.train", *_flags(gin_cache_root, killed, *common)]
-    process = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=Path(__file__).parents[1],
-    )
-    deadline = time.time() + 240
-    while not (killed / "checkpoint_5").is_dir() and process.poll() is None:
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    with Checkpointer(killed) as ckpt:
-        stopped_at = ckpt.latest_step()
-    assert stopped_at is not None and stopped_at < 30
-
-    assert main(_flags(gin_cache_root, killed, *common)) == 0
-    for a, b in zip(_final_params(killed), _final_params(straight), strict=True):
-        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow
@@ -356,40 +318,69 @@ def test_gin_files_resolve_beside_folders_named_like_theirs(gin_cache_root, tmp_
 
 
 @pytest.mark.slow
-def test_sigterm_saves_where_it_stopped_and_the_rerun_matches(gin_cache_root, tmp_path):
-    """A preempted VM's SIGTERM at a random moment after step 20: a checkpoint at the step the
-    run reached (not a multiple of the period), exit 143, and the rerun ends bit-identical."""
+def test_killed_and_preempted_runs_resume_to_the_uninterrupted_parameters(gin_cache_root, tmp_path):
+    """Two interrupted copies of a run, side by side, against the run straight through:
+    SIGKILL after a periodic checkpoint, and a preempted VM's SIGTERM at a random moment after
+    step 20, which saves a checkpoint at the step the run reached (not a multiple of the
+    period) and exits 143. Running each one's command again ends bit-identical."""
     common = (
         "--gin.TRAIN_STEPS=60",
         "--gin.EVAL_PERIOD=1000",
-        "--gin.Checkpointer.period=1000",
         "--gin.train.test_split=None",
         "--gin.train.log_period=1",
     )
-    straight = tmp_path / "straight"
+    periods = {
+        "killed": "--gin.Checkpointer.period=5",
+        "preempted": "--gin.Checkpointer.period=1000",
+    }
+    flags = {
+        name: _flags(gin_cache_root, tmp_path / name, *common, p) for name, p in periods.items()
+    }
+    straight, killed, preempted = (tmp_path / n for n in ("straight", "killed", "preempted"))
     assert main(_flags(gin_cache_root, straight, *common)) == 0
 
-    preempted = tmp_path / "preempted"
-    command = [sys.executable, "-m", "dsbs_jax.train", *_flags(gin_cache_root, preempted, *common)]
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=Path.cwd()
-    )
-    metrics = preempted / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (metrics.is_file() and '"step": 20,' in metrics.read_text()):
-        assert process.poll() is None and time.time() < deadline, "the run never reached step 20"
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 0.5))
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=240)
-    assert process.returncode == 143, err
+    running = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "dsbs_jax.train", *command],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE if name == "preempted" else subprocess.DEVNULL,
+            text=True,
+            cwd=Path(__file__).parents[1],
+        )
+        for name, command in flags.items()
+    }
+    try:
+        metrics, deadline, stopped = preempted / "metrics.jsonl", time.time() + 240, set()
+        while len(stopped) < 2:
+            ended = [n for n, p in running.items() if n not in stopped and p.poll() is not None]
+            assert not ended, f"{ended} ended before its stop"
+            assert time.time() < deadline, f"only {stopped or 'none'} stopped"
+            if "killed" not in stopped and (killed / "checkpoint_5").is_dir():
+                running["killed"].send_signal(signal.SIGKILL)
+                running["killed"].wait()
+                stopped.add("killed")
+            reached = metrics.is_file() and '"step": 20,' in metrics.read_text()
+            if "preempted" not in stopped and reached:
+                time.sleep(random.uniform(0.0, 0.5))
+                running["preempted"].send_signal(signal.SIGTERM)
+                stopped.add("preempted")
+            time.sleep(0.05)
+        _, err = running["preempted"].communicate(timeout=240)
+    finally:
+        for process in running.values():
+            process.kill()  # a no-op for those that exited
+    with Checkpointer(killed) as ckpt:
+        stopped_at = ckpt.latest_step()
+    assert stopped_at is not None and stopped_at < 60
+    assert running["preempted"].returncode == 143, err
     (step,) = [int(p.name.split("_")[1]) for p in preempted.glob("checkpoint_*")]
     assert 20 <= step < 60
     assert f"preempted: saved a checkpoint at step {step} in {preempted}" in err
 
-    assert main(_flags(gin_cache_root, preempted, *common)) == 0
-    for a, b in zip(_final_params(preempted), _final_params(straight), strict=True):
-        np.testing.assert_array_equal(a, b)
+    for name, command in flags.items():
+        assert main(command) == 0
+        for a, b in zip(_final_params(tmp_path / name), _final_params(straight), strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow
