@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-# XLA flags for every test and every command a test launches (they inherit the environment),
-# set before JAX starts. The tests' models are tiny, so compiling their programs takes longer
-# than running them: with LLVM's optimizations off (`COMPILE_FAST`) the vectorized sweep's test
-# took 90 s instead of 125. Eight host CPU devices, so sharding tests can build real meshes.
+# The tests' models are tiny, so compiling their programs takes longer than running them: with
+# LLVM's optimizations off (`COMPILE_FAST`) the vectorized sweep's test took 90 s instead of 125.
 COMPILE_FAST = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = (
-    f"{os.environ.get('XLA_FLAGS', '')} {COMPILE_FAST} --xla_force_host_platform_device_count=8"
-).strip()
+
+
+def cpu_xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test's process: `devices` host CPU devices, compiled fast."""
+    return f"{COMPILE_FAST} --xla_force_host_platform_device_count={devices}"
+
+
+# Set before JAX starts, for every test and every command a test launches (they inherit the
+# environment; one that needs other devices passes its own `cpu_xla_flags`). Eight host CPU
+# devices, so sharding tests can build real meshes.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {cpu_xla_flags(8)}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # One persistent compilation cache for the whole run, shared by the xdist workers and the
@@ -64,15 +72,25 @@ def builtin_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture
-def gin_cache_root(builtin_cache_root: Path):
-    """Points the tasks at the built-in cache through gin, as a run's config would."""
+@contextlib.contextmanager
+def tasks_reading(root: Path) -> Iterator[Path]:
+    """The tasks registered and pointed at the cache `root` through gin, as a run's config
+    would; the gin config cleared at the end."""
     import tasks  # noqa: F401  (registers the tasks)
 
     with gin.unlock_config():
-        gin.bind_parameter("teacher_cache_root.path", str(builtin_cache_root))
-    yield builtin_cache_root
-    gin.clear_config()
+        gin.bind_parameter("teacher_cache_root.path", str(root))
+    try:
+        yield root
+    finally:
+        gin.clear_config()
+
+
+@pytest.fixture
+def gin_cache_root(builtin_cache_root: Path):
+    """Points the tasks at the built-in cache through gin, as a run's config would."""
+    with tasks_reading(builtin_cache_root):
+        yield builtin_cache_root
 
 
 @pytest.fixture(scope="session")

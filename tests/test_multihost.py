@@ -26,7 +26,7 @@ import seqio
 
 from dsbs_jax import checkpoints
 from dsbs_jax.input_pipeline import train_batches
-from tests.conftest import COMPILE_FAST
+from tests.conftest import cpu_xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH_SIZE = 8
@@ -71,7 +71,7 @@ def _start(flags: list[str], processes: int) -> list[subprocess.Popen]:
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"{COMPILE_FAST} --xla_force_host_platform_device_count={4 // processes}",
+        "XLA_FLAGS": cpu_xla_flags(4 // processes),
     }
     cluster: list[list[str]] = [[]]
     if processes > 1:

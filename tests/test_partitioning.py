@@ -26,7 +26,7 @@ from dsbs_jax.partitioning import (
     initialize_distributed,
     standard_logical_axis_rules,
 )
-from tests.conftest import COMPILE_FAST
+from tests.conftest import cpu_xla_flags
 
 # Every model-parallel dimension (vocab 64, heads 4, joined_kv 32, mlp 64) divides by 4.
 VOCAB, EMB, HEADS, HEAD_DIM, MLP = 64, 32, 4, 8, 64
@@ -403,7 +403,7 @@ def test_model_axis_across_hosts_feeds_the_rows_each_host_holds():
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"{COMPILE_FAST} --xla_force_host_platform_device_count=1",
+        "XLA_FLAGS": cpu_xla_flags(1),
     }
     running = [
         subprocess.Popen(

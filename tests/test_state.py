@@ -7,7 +7,6 @@ import gc
 import re
 from pathlib import Path
 
-import gin
 import jax
 import pytest
 
@@ -20,6 +19,7 @@ from dsbs_jax.model_config import t5_config
 from dsbs_jax.optimizers import make_optimizer
 from dsbs_jax.partitioning import Partitioner
 from dsbs_jax.state import tree_bytes
+from tests.conftest import tasks_reading
 
 MIXTURE = "dsbs_synthetic_step_by_step"
 LENGTHS = {"inputs": 64, "targets": 64}
@@ -52,15 +52,9 @@ def _live_bytes() -> int:
 def trained(builtin_cache_root, tmp_path_factory) -> Path:
     """A MODEL_DIR with a tiny run's checkpoint at step 2, trained once for the module's tests
     (which only read it)."""
-    import tasks  # noqa: F401  (registers the tasks)
-
     model_dir = tmp_path_factory.mktemp("state") / "run"
-    with gin.unlock_config():
-        gin.bind_parameter("teacher_cache_root.path", str(builtin_cache_root))
-    try:
+    with tasks_reading(builtin_cache_root):
         _plan(model_dir).execute(Checkpointer)
-    finally:
-        gin.clear_config()
     return model_dir
 
 
