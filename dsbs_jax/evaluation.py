@@ -21,6 +21,7 @@ from dsbs_jax import losses
 from dsbs_jax.data import choices
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
 from dsbs_jax.errors import UserError
+from dsbs_jax.input_pipeline import without_autograph
 from dsbs_jax.label_prediction import LabelEvaluation, LabelPredictor, progress_bar
 from dsbs_jax.models.t5 import T5
 from dsbs_jax.partitioning import Partitioner
@@ -84,7 +85,7 @@ def teacher_forced(
     """Label and rationale losses and token accuracies over a whole split, with the metrics'
     definitions of training (`losses.summarise_loss_sums`); `loss_weights` as training's
     (None: gin's `step_by_step_loss_weights`)."""
-    ds = seqio.get_dataset(
+    ds = without_autograph(seqio.get_dataset)(
         mixture_or_task_name,
         task_feature_lengths,
         StepByStepFeatureConverter(pack=False, loss_weights=loss_weights),
@@ -111,7 +112,7 @@ def read_split(
 ) -> list[dict[str, Any]]:
     """A task's split as tokenized examples, in order: read once and kept for every
     evaluation of a run (`SplitEvaluator`)."""
-    ds = task.get_dataset(
+    ds = without_autograph(task.get_dataset)(
         {"inputs": inputs_length, "targets": max_decode_length},
         split=split,
         shuffle=False,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -72,25 +71,16 @@ def builtin_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@contextlib.contextmanager
-def tasks_reading(root: Path) -> Iterator[Path]:
-    """The tasks registered and pointed at the cache `root` through gin, as a run's config
-    would; the gin config cleared at the end."""
+@pytest.fixture
+def gin_cache_root(builtin_cache_root: Path) -> Iterator[Path]:
+    """Points the tasks at the built-in cache through gin, as a run's config would; the gin
+    config cleared at the end."""
     import tasks  # noqa: F401  (registers the tasks)
 
     with gin.unlock_config():
-        gin.bind_parameter("teacher_cache_root.path", str(root))
-    try:
-        yield root
-    finally:
-        gin.clear_config()
-
-
-@pytest.fixture
-def gin_cache_root(builtin_cache_root: Path):
-    """Points the tasks at the built-in cache through gin, as a run's config would."""
-    with tasks_reading(builtin_cache_root):
-        yield builtin_cache_root
+        gin.bind_parameter("teacher_cache_root.path", str(builtin_cache_root))
+    yield builtin_cache_root
+    gin.clear_config()
 
 
 @pytest.fixture(scope="session")

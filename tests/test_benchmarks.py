@@ -44,44 +44,6 @@ def _positive(result: dict, keys: tuple[str, ...]) -> None:
         assert result[key] > 0, (key, result)
 
 
-@pytest.mark.slow
-def test_train_throughput(common_args, tmp_path: Path):
-    out = tmp_path / "train.json"
-    train_throughput.main(
-        [
-            *common_args,
-            "--steps=2",
-            "--warmup=0",
-            "--batch-size=4",
-            "--rows=8",
-            "--inputs-length=64",
-            "--targets-length=64",
-            "--count-flops",
-            f"--profile={tmp_path / 'trace'}",
-            f"--json={out}",
-        ]
-    )
-    payload = json.loads(out.read_text())
-    # The profile splits the traced step's op time by kind; the model's dots are traced.
-    shares = payload["results"]["ours"]["op_time_shares"]
-    assert sum(shares.values()) == pytest.approx(1.0) and shares["matrix multiplies"] > 0
-    top = payload["results"]["ours"]["top_ops"]  # the longest ops, each with its HLO line
-    assert top and all(" = " in op["op"] and op["seconds"] > 0 for op in top)
-    figures = ("examples_per_s", "tokens_per_s", "step_time_median_s", "peak_rss_mib", "gflops")
-    for side in ("ours", "baseline"):
-        _positive(payload["results"][side], (*figures, "matrix_gflops", "real_token_fraction"))
-    ours = payload["results"]["ours"]  # XLA's count adds elementwise work to the dots
-    assert ours["matrix_gflop_per_step"] < ours["gflop_per_step"]
-    _positive(payload["results"]["ours"], ("compile_s",))
-    _positive(payload["ratios"], ("examples_per_s", "tokens_per_s"))
-    assert payload["results"]["baseline"]["examples_per_step"] == 4
-    # On the CPU: each side says so, and no chip's peak is known.
-    for side in ("ours", "baseline"):
-        result = payload["results"][side]
-        assert (result["device"], result["platform"]) == ("cpu", "cpu")
-        assert not {"peak_tflops", "peak_fraction"} & result.keys()
-
-
 # Runs the training benchmark in a fresh interpreter in which TensorFlow and SeqIO look
 # uninstalled, as on an accelerator host (see tests/test_core_without_tensorflow.py).
 WITHOUT_TENSORFLOW = textwrap.dedent(
@@ -119,29 +81,52 @@ def _run_without_tensorflow(argv: list[str], env: dict[str, str] | None = None) 
 def test_train_throughput_runs_written_batches_without_tensorflow(
     common_args, tmp_path: Path, capsys
 ):
-    """Batches written here (SeqIO) and read by a run that cannot import TensorFlow give that
-    run the figures a run building its own batches has, of the same data."""
+    """A run building its own batches reports every figure, and where its step's time goes.
+    Batches written here (SeqIO) and read by a run that cannot import TensorFlow give that
+    run the same figures, of the same data."""
     model = ["--dataset=synthetic", "--preset=tiny", "--model-vocab-size=128"]
     tiny = [
         "--steps=2",
         "--warmup=0",
         "--batch-size=4",
+        "--rows=8",
         "--inputs-length=64",
         "--targets-length=64",
+        "--count-flops",
     ]
     stored = tmp_path / "batches.npz"
     train_throughput.main([*common_args, *tiny, f"--write-batches={stored}"])
     assert stored.is_file() and f"wrote {stored}" in capsys.readouterr().out
     direct = tmp_path / "direct.json"
-    train_throughput.main([*common_args, *tiny, f"--json={direct}"])
+    train_throughput.main(
+        [*common_args, *tiny, f"--profile={tmp_path / 'trace'}", f"--json={direct}"]
+    )
+    payload = json.loads(direct.read_text())
+    # The profile splits the traced step's op time by kind; the model's dots are traced.
+    shares = payload["results"]["ours"]["op_time_shares"]
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["matrix multiplies"] > 0
+    top = payload["results"]["ours"]["top_ops"]  # the longest ops, each with its HLO line
+    assert top and all(" = " in op["op"] and op["seconds"] > 0 for op in top)
+    reported = ("examples_per_s", "tokens_per_s", "step_time_median_s", "peak_rss_mib", "gflops")
+    for side in ("ours", "baseline"):
+        _positive(payload["results"][side], (*reported, "matrix_gflops", "real_token_fraction"))
+    ours = payload["results"]["ours"]  # XLA's count adds elementwise work to the dots
+    assert ours["matrix_gflop_per_step"] < ours["gflop_per_step"]
+    _positive(payload["results"]["ours"], ("compile_s",))
+    _positive(payload["ratios"], ("examples_per_s", "tokens_per_s"))
+    assert payload["results"]["baseline"]["examples_per_step"] == 4
+    # On the CPU: each side says so, and no chip's peak is known.
+    for side in ("ours", "baseline"):
+        result = payload["results"][side]
+        assert (result["device"], result["platform"]) == ("cpu", "cpu")
+        assert not {"peak_tflops", "peak_fraction"} & result.keys()
     from_file = tmp_path / "from_file.json"
     # No --data-dir: the file is all the run needs.
     _run_without_tensorflow(
         [*model, *tiny, "--in-process", f"--batches={stored}", f"--json={from_file}"]
     )
 
-    expected = json.loads(direct.read_text())["results"]
-    results = json.loads(from_file.read_text())["results"]
+    expected, results = payload["results"], json.loads(from_file.read_text())["results"]
     same_data = ("examples_per_step", "real_token_fraction", "timed_steps", "dataset")
     for side in ("ours", "baseline"):
         figures = {key for key, _, _ in train_throughput.FIGURES}

@@ -1,6 +1,6 @@
 """Checkpoints as big runs write them: MODEL_DIR on gs:// and asynchronous saves killed mid-write.
 
-gs:// is served by a GCS emulator (`gcp-storage-emulator`) on loopback that the test starts:
+gs:// is served by a GCS emulator (`gcp-storage-emulator`) on loopback that the tests start:
 TensorStore (orbax's arrays) reaches it through TENSORSTORE_GCS_HTTP_URL, and etils.epath
 (orbax's other files) through gcsfs, which reads STORAGE_EMULATOR_HOST; EPATH_USE_TF=false
 sends epath to gcsfs, since TensorFlow's GCS file system cannot be pointed at an emulator.
@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -23,7 +24,7 @@ from etils import epath
 
 from dsbs_jax.checkpoints import Checkpointer
 
-emulator = pytest.importorskip("gcp_storage_emulator.server")
+pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("gcsfs")
 BUCKET = "dsbs-test"
 
@@ -36,19 +37,36 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def gcs_env() -> dict[str, str]:
-    """Starts the emulator with one bucket; the environment that points GCS clients at it."""
+    """Starts the emulator with one bucket, in its own process as a real server is: inside
+    the test's process its one request thread shared the interpreter with TensorStore's
+    callbacks, and a write now and then got a response orbax could not read ("Malformed
+    StorageGeneration"). Yields the environment that points GCS clients at it."""
     port = _free_port()
-    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    yield {
-        "EPATH_USE_TF": "false",
-        "STORAGE_EMULATOR_HOST": url,
-        "TENSORSTORE_GCS_HTTP_URL": url,
-        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorStore's fixed token: no login
-        "FSSPEC_GCS": '{"use_listings_cache": false}',  # see what other processes wrote
-    }
-    server.stop()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1"]
+        + [f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}", "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert server.poll() is None and time.time() < deadline, "the emulator did not start"
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}"
+        yield {
+            "EPATH_USE_TF": "false",
+            "STORAGE_EMULATOR_HOST": url,
+            "TENSORSTORE_GCS_HTTP_URL": url,
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorStore's fixed token: no login
+            "FSSPEC_GCS": '{"use_listings_cache": false}',  # see what other processes wrote
+        }
+    finally:
+        server.kill()
+        server.wait()
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Every command's missing inputs and misspelt settings: one line naming the thing, exit 2.
 
-And the built-in default that just runs: the demo's training writes its dataset first.
+(The built-in default that just runs, writing its dataset first, is the installed wheel's demo
+in `tests/test_package.py`.)
 """
 
 from __future__ import annotations
@@ -140,26 +141,3 @@ def test_missing_vocabulary_names_the_command_that_writes_it(tmp_path, capsys):
     lines = [line for line in _error_lines(capsys) if not line.startswith("writing the built-in")]
     assert code == EXIT_BAD_INPUT
     assert len(lines) == 1 and str(vocab) in lines[0] and "python -m dsbs_jax.data" in lines[0]
-
-
-@pytest.mark.slow
-def test_the_demo_writes_its_dataset_first_and_prints_test_accuracy(tmp_path, capsys, monkeypatch):
-    """The README's main command on a machine with an empty $HOME, shortened to 2 steps."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("DSBS_DATA_DIR", raising=False)
-    run_dir = tmp_path / "demo"
-    flags = [
-        "--gin_file=runs/demo.gin",
-        f"--gin.MODEL_DIR='{run_dir}'",
-        "--gin.TRAIN_STEPS=2",
-        "--gin.EVAL_PERIOD=2",
-    ]
-    assert train_cli.main(flags) == 0
-    captured = capsys.readouterr()
-    builtin = tmp_path / "home" / ".cache" / "dsbs_jax" / "synthetic"
-    assert f"writing the built-in dataset and vocabulary to {builtin}" in captured.err
-    assert (builtin / "train.jsonl").is_file() and (builtin / "spm.model").is_file()
-    assert "test/dsbs_synthetic_label_llm/accuracy = " in captured.out
-    metrics = (run_dir / "metrics.jsonl").read_text()
-    for name in ("examples_per_second", "tokens_per_second", "rows_per_second", "step_time_s"):
-        assert f'"{name}": ' in metrics

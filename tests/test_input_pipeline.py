@@ -92,6 +92,25 @@ def test_restored_batches_are_the_uninterrupted_ones(gin_cache_root, tmp_path, h
     _assert_restores_exactly(HOSTS[hosts], tmp_path, pack=pack)
 
 
+def test_pipelines_built_without_autograph_give_autographs_batches(gin_cache_root, monkeypatch):
+    """Training batches (paired mixture, packed, one host's rows) and evaluation examples are
+    built with AutoGraph off (`without_autograph`); built with it, as t5x's own
+    `seqio.get_dataset` call would, they are the same."""
+    from dsbs_jax import evaluation, input_pipeline
+
+    def built() -> tuple[list[dict], list[dict]]:
+        train = _take(_batches(HOSTS["rows"][1]), 3)
+        task = seqio.get_mixture_or_task("dsbs_synthetic_label_llm")
+        return train, evaluation.read_split(task, "validation", 64, 8)
+
+    ours = built()
+    for module in (input_pipeline, evaluation):
+        monkeypatch.setattr(module, "without_autograph", lambda build: build)
+    train, examples = built()
+    _assert_equal(ours[0], train)
+    np.testing.assert_equal(ours[1], examples)  # token arrays and the examples' strings
+
+
 @pytest.mark.parametrize("method", ["step_by_step_rates", "finetune", "single_task"])
 def test_other_mixtures_restore_exactly(gin_cache_root, tmp_path, method):
     """Mixtures sampled at rates (seqio's sampling, each task shuffled on its own) and single

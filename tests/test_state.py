@@ -19,7 +19,6 @@ from dsbs_jax.model_config import t5_config
 from dsbs_jax.optimizers import make_optimizer
 from dsbs_jax.partitioning import Partitioner
 from dsbs_jax.state import tree_bytes
-from tests.conftest import tasks_reading
 
 MIXTURE = "dsbs_synthetic_step_by_step"
 LENGTHS = {"inputs": 64, "targets": 64}
@@ -48,17 +47,18 @@ def _live_bytes() -> int:
     return sum(a.nbytes for a in jax.live_arrays())
 
 
-@pytest.fixture(scope="module")
-def trained(builtin_cache_root, tmp_path_factory) -> Path:
-    """A MODEL_DIR with a tiny run's checkpoint at step 2, trained once for the module's tests
-    (which only read it)."""
-    model_dir = tmp_path_factory.mktemp("state") / "run"
-    with tasks_reading(builtin_cache_root):
-        _plan(model_dir).execute(Checkpointer)
-    return model_dir
+def test_one_training_state_parameters_alone_and_one_line_refusals(gin_cache_root, tmp_path):
+    """A tiny run trained to step 2, then read three ways: resumed for training, restored for
+    eval and infer, and restored with a config it does not match. One test, so the run trains
+    once (a module fixture trains once per xdist worker that runs one of its tests)."""
+    trained = tmp_path / "run"
+    _plan(trained).execute(Checkpointer)
+    _check_a_resumed_run_holds_one_training_state(trained)
+    _check_eval_and_infer_restore_parameters_alone(trained)
+    _check_a_config_that_does_not_match_the_checkpoint_is_one_line(trained)
 
 
-def test_a_resumed_run_holds_one_training_state(trained, gin_cache_root):
+def _check_a_resumed_run_holds_one_training_state(trained: Path) -> None:
     run = _plan(trained)
     assert run.resume_dir is not None and run.resume_dir.name == "checkpoint_2"
     with Checkpointer(trained) as checkpointer:
@@ -74,7 +74,7 @@ def test_a_resumed_run_holds_one_training_state(trained, gin_cache_root):
     assert tree_bytes(state.opt_state) > 2 * tree_bytes(state.params) > 0
 
 
-def test_eval_and_infer_restore_parameters_alone(trained, gin_cache_root):
+def _check_eval_and_infer_restore_parameters_alone(trained: Path) -> None:
     before = _live_bytes()
     student, params, step = restore_student(
         trained, MIXTURE, _model_config(), Partitioner(devices=jax.devices()[:1]), "latest"
@@ -83,7 +83,7 @@ def test_eval_and_infer_restore_parameters_alone(trained, gin_cache_root):
     assert _live_bytes() - before == tree_bytes(params) == tree_bytes(student.abstract_params)
 
 
-def test_a_config_that_does_not_match_the_checkpoint_is_one_line(trained, gin_cache_root):
+def _check_a_config_that_does_not_match_the_checkpoint_is_one_line(trained: Path) -> None:
     partitioner = Partitioner(devices=jax.devices()[:1])
     with pytest.raises(UserError) as error:
         restore_student(trained, MIXTURE, _model_config(mlp_dim=96), partitioner, "latest")
