@@ -35,16 +35,49 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The emulator, in a process of its own as a real server is, made to answer downloads as GCS
+# does: with the object's generation in `x-goog-generation`. TensorStore reads it there; without
+# it, a checkpoint write that found its OCDBT manifest already written (a write retried under
+# load) failed with "Malformed StorageGeneration". Its HTTP server queues more connections
+# than http.server's 5, since TensorStore opens several at once.
+EMULATOR = textwrap.dedent(
+    """
+    import sys
+    from http import HTTPStatus, server
+
+    from gcp_storage_emulator.handlers import objects
+
+    download = objects.download
+
+    def download_with_generation(request, response, storage, *args, **kwargs):
+        download(request, response, storage, *args, **kwargs)
+        if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+            obj = storage.get_file_obj(
+                request.params["bucket_name"], request.params["object_id"]
+            )
+            response["x-goog-generation"] = obj["generation"]
+            response["x-goog-metageneration"] = obj["metageneration"]
+
+    class QueueingServer(server.HTTPServer):
+        request_queue_size = 256
+
+    objects.download = download_with_generation  # before the server's routes take it
+    server.HTTPServer = QueueingServer
+    from gcp_storage_emulator.server import Server
+
+    port, bucket = int(sys.argv[1]), sys.argv[2]
+    Server("127.0.0.1", port, in_memory=True, default_bucket=bucket).run()
+    """
+)
+
+
 @pytest.fixture(scope="module")
 def gcs_env() -> dict[str, str]:
-    """Starts the emulator with one bucket, in its own process as a real server is: inside
-    the test's process its one request thread shared the interpreter with TensorStore's
-    callbacks, and a write now and then got a response orbax could not read ("Malformed
-    StorageGeneration"). Yields the environment that points GCS clients at it."""
+    """Starts the emulator with one bucket; yields the environment that points GCS clients at
+    it. TensorStore sends it a few requests at a time: it serves one at a time."""
     port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1"]
-        + [f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}", "--quiet"],
+    emulator = subprocess.Popen(
+        [sys.executable, "-c", EMULATOR, str(port), BUCKET],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -54,19 +87,20 @@ def gcs_env() -> dict[str, str]:
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
                     break
-            assert server.poll() is None and time.time() < deadline, "the emulator did not start"
+            assert emulator.poll() is None and time.time() < deadline, "no emulator started"
             time.sleep(0.05)
         url = f"http://127.0.0.1:{port}"
         yield {
             "EPATH_USE_TF": "false",
             "STORAGE_EMULATOR_HOST": url,
             "TENSORSTORE_GCS_HTTP_URL": url,
+            "TENSORSTORE_GCS_REQUEST_CONCURRENCY": "4",
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorStore's fixed token: no login
             "FSSPEC_GCS": '{"use_listings_cache": false}',  # see what other processes wrote
         }
     finally:
-        server.kill()
-        server.wait()
+        emulator.kill()
+        emulator.wait()
 
 
 @pytest.fixture
