@@ -41,7 +41,8 @@ def test_a_wheel_installs_and_runs_the_demo_beside_folders_named_like_its_config
         (work / folder).mkdir(parents=True)
     home = tmp_path / "home"
     env = {**os.environ, "PYTHONPATH": str(site), "HOME": str(home)}
-    for name in ("JAX_PLATFORMS", "DSBS_DATA_DIR"):  # as on a user's machine: JAX tries libtpu
+    # As on a user's machine: JAX tries libtpu first, and the data goes under $HOME.
+    for name in ("JAX_PLATFORMS", "DSBS_DATA_DIR"):
         env.pop(name, None)
     run_dir = work / "runs" / "demo"
     where = subprocess.run(
