@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # The tests' models are tiny, so compiling their programs takes longer than running them: with
 # LLVM's optimizations off (`COMPILE_FAST`) the vectorized sweep's test took 90 s instead of 125.
@@ -34,6 +35,7 @@ if _OWN_COMPILATION_CACHE:
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 import gin  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -57,6 +59,35 @@ needs_official_data = pytest.mark.skipif(
     not (OFFICIAL_DATA / "cqa").is_dir(),
     reason=f"official teacher outputs not found at {OFFICIAL_DATA} (set DSBS_OFFICIAL_DATA)",
 )
+
+
+def checkpoint_state(model_dir: Path, step: int | str = "latest") -> dict:
+    """A checkpoint's training state as numpy arrays, read without the shardings it was written
+    with: its writers' devices (two processes', a stacked sweep's) need not be this one's."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from dsbs_jax import checkpoints
+
+    _, step_dir = checkpoints.checkpoint_dir(model_dir, step)
+    checkpointer = ocp.PyTreeCheckpointer()
+    state_dir = step_dir / checkpoints.STATE_ITEM
+    metadata = checkpointer.metadata(state_dir).item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    return checkpointer.restore(state_dir, restore_args=as_numpy)
+
+
+def assert_same_arrays(got: Any, want: Any) -> None:
+    """Two trees of arrays equal bit for bit, leaf by named leaf."""
+    import jax
+
+    got, want = (
+        {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(t)}
+        for t in (got, want)
+    )
+    assert got.keys() == want.keys()
+    for name, leaf in want.items():
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(leaf), err_msg=name)
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,7 @@ from dsbs_jax.checkpoints import Checkpointer
 from dsbs_jax.data.vocab import train_sentencepiece
 from dsbs_jax.models.t5 import T5, T5Config
 from dsbs_jax.partitioning import Partitioner
+from tests.conftest import assert_same_arrays
 
 VOCAB = 64
 VARIANTS = {
@@ -110,13 +111,6 @@ def loaded(hf, partitioner) -> dict[str, tuple[T5Config, dict]]:
         variant: (config_of(directory), load(directory, config_of(directory), partitioner))
         for variant, (_, directory) in hf.items()
     }
-
-
-def assert_same_params(got: dict, want: dict) -> None:
-    got, want = traverse_util.flatten_dict(got, sep="/"), traverse_util.flatten_dict(want, sep="/")
-    assert got.keys() == want.keys()
-    for path in want:
-        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want[path]), err_msg=path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +299,7 @@ def test_other_hf_layouts_load_identically(hf, loaded, partitioner, tmp_path, la
     else:
         write_sharded_legacy_bin(model, directory, out)
     config, params = loaded["v1_1"]
-    assert_same_params(load(out, config, partitioner), params)
+    assert_same_arrays(load(out, config, partitioner), params)
 
 
 def test_transformers_5_tied_t5_1_1_reads_shared_as_lm_head(partitioner, tmp_path) -> None:
@@ -327,7 +321,7 @@ def test_transformers_5_tied_t5_1_1_reads_shared_as_lm_head(partitioner, tmp_pat
 def test_export_round_trips_exactly(hf, loaded, partitioner, tmp_path, variant: str) -> None:
     config, params = loaded[variant]
     out = export_hf(params, config, str(tmp_path / "exported"))
-    assert_same_params(load(out, config_of(out), partitioner), params)
+    assert_same_arrays(load(out, config_of(out), partitioner), params)
     reloaded = transformers.T5ForConditionalGeneration.from_pretrained(out)
     original = hf[variant][0].state_dict()
     assert reloaded.state_dict().keys() == original.keys()
@@ -377,7 +371,7 @@ def test_t5x_checkpoint_loads(loaded, partitioner, tmp_path) -> None:
     directory.mkdir()
     written = write_t5x_checkpoint(params, directory)
     assert checkpoint_config(str(tmp_path), **F32) == config  # a MODEL_DIR: its latest step
-    assert_same_params(load(tmp_path, config, partitioner), written)
+    assert_same_arrays(load(tmp_path, config, partitioner), written)
 
 
 def test_our_checkpoint_loads_params_only(loaded, partitioner, tmp_path) -> None:
@@ -387,7 +381,7 @@ def test_our_checkpoint_loads_params_only(loaded, partitioner, tmp_path) -> None
         checkpointer.save(7, state, {}, force=True)
     assert checkpoint_config(str(tmp_path), **F32) == config
     for path in (tmp_path, tmp_path / "checkpoint_7"):
-        assert_same_params(load(path, config, partitioner), params)
+        assert_same_arrays(load(path, config, partitioner), params)
 
 
 # ---------------------------------------------------------------------------------------------

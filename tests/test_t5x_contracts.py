@@ -25,6 +25,7 @@ from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
 from dsbs_jax.models.t5 import T5, get_config
 from dsbs_jax.partitioning import Partitioner
 from dsbs_jax.roles import TaskRole
+from tests.conftest import assert_same_arrays
 
 VOCAB_SIZE = 40
 
@@ -86,13 +87,6 @@ def _load(path, config) -> dict:
     return jax.tree.map(np.asarray, checkpoint_import.load_params(str(path), config, shardings))
 
 
-def _assert_same(a: dict, b: dict) -> None:
-    flat_a, flat_b = (traverse_util.flatten_dict(t, sep="/") for t in (a, b))
-    assert flat_a.keys() == flat_b.keys()
-    for name in flat_a:
-        np.testing.assert_array_equal(flat_a[name], flat_b[name], err_msg=name)
-
-
 def test_written_t5x_checkpoint_has_t5x_orbax_layout(tmp_path):
     params, _ = _random_params()
     step_dir = t5x_checkpoints.write_t5x_checkpoint(params, tmp_path, step=7)
@@ -122,8 +116,8 @@ def test_reads_t5x_orbax_checkpoints_at_any_step_and_latest(tmp_path):
     late, _ = _random_params(seed=2)
     _write_as_t5x_trains(tmp_path, 3, early)
     _write_as_t5x_trains(tmp_path, 12, late)
-    _assert_same(_load(tmp_path, config), late)  # a MODEL_DIR means its latest step
-    _assert_same(_load(tmp_path / "checkpoint_3", config), early)
+    assert_same_arrays(_load(tmp_path, config), late)  # a MODEL_DIR means its latest step
+    assert_same_arrays(_load(tmp_path / "checkpoint_3", config), early)
 
 
 def test_convert_to_t5x_and_back_keeps_every_parameter(tmp_path):
@@ -136,10 +130,10 @@ def test_convert_to_t5x_and_back_keeps_every_parameter(tmp_path):
         == 0
     )
     assert (tmp_path / "t5x" / "checkpoint_0" / "state" / "_METADATA").is_file()
-    _assert_same(_load(tmp_path / "t5x", config), params)
+    assert_same_arrays(_load(tmp_path / "t5x", config), params)
     args = ["--from", str(tmp_path / "t5x"), "--to", str(tmp_path / "ours"), "--format", "ours"]
     assert convert.main(args) == 0
-    _assert_same(_load(tmp_path / "ours", config), params)
+    assert_same_arrays(_load(tmp_path / "ours", config), params)
 
 
 def _write_as_we_train(model_dir, step: int, params: dict) -> None:
@@ -171,9 +165,9 @@ def test_convert_keeps_the_source_step(tmp_path, capsys):
     )
     stored = ocp.PyTreeCheckpointer().restore(tmp_path / "t5x" / "checkpoint_20" / "state")
     assert stored["state"]["step"] == 20
-    _assert_same(stored["target"], params)
+    assert_same_arrays(stored["target"], params)
     assert _convert(tmp_path / "t5x", tmp_path / "ours", "ours") == ["checkpoint_20"]
-    _assert_same(_load(tmp_path / "ours", config), params)
+    assert_same_arrays(_load(tmp_path / "ours", config), params)
     assert _convert(tmp_path / "run" / "checkpoint_10", tmp_path / "early", "t5x") == [
         "checkpoint_10"
     ]

@@ -24,6 +24,7 @@ from dsbs_jax.input_pipeline import train_batches
 from dsbs_jax.models.t5 import T5, get_config
 from dsbs_jax.partitioning import Partitioner
 from dsbs_jax.train import main
+from tests.conftest import assert_same_arrays, checkpoint_state
 
 LENGTHS = {"inputs": 64, "targets": 64}
 MIXTURE = "dsbs_synthetic_step_by_step"
@@ -139,16 +140,6 @@ def _flags(data_dir: Path, model_dir: Path, *extra: str) -> list[str]:
         "--gin.train.max_decode_length=4",
         *extra,
     ]
-
-
-def _final_params(model_dir: Path) -> list[np.ndarray]:
-    with Checkpointer(model_dir) as ckpt:
-        step = ckpt.latest_step()
-        manager_dir = model_dir / f"checkpoint_{step}" / "state"
-        import orbax.checkpoint as ocp
-
-        restored = ocp.StandardCheckpointer().restore(manager_dir)
-    return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
 
 
 @pytest.mark.slow
@@ -298,8 +289,7 @@ def test_training_starts_from_an_initial_hugging_face_checkpoint(gin_cache_root,
         f"--gin.INITIAL_CHECKPOINT_PATH='{hf_dir}'",
     )
     assert main(flags) == 0
-    for a, b in zip(_final_params(run_dir), jax.tree.leaves(pretrained), strict=True):
-        np.testing.assert_array_equal(a, np.asarray(b))
+    assert_same_arrays(checkpoint_state(run_dir)["params"], pretrained)
     (hf_dir / "model.safetensors").unlink()  # resuming must not need it any more
     assert main(flags) == 0
 
@@ -379,8 +369,7 @@ def test_killed_and_preempted_runs_resume_to_the_uninterrupted_parameters(gin_ca
 
     for name, command in flags.items():
         assert main(command) == 0
-        for a, b in zip(_final_params(tmp_path / name), _final_params(straight), strict=True):
-            np.testing.assert_array_equal(a, b)
+        assert_same_arrays(checkpoint_state(tmp_path / name), checkpoint_state(straight))
 
 
 @pytest.mark.slow

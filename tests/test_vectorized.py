@@ -9,7 +9,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 import seqio
 
@@ -21,6 +20,7 @@ from dsbs_jax.label_prediction import LabelPredictor
 from dsbs_jax.model_config import build_model_config, t5_config
 from dsbs_jax.partitioning import Partitioner
 from dsbs_jax.state import Student
+from tests.conftest import assert_same_arrays, checkpoint_state
 
 MIXTURE = "dsbs_synthetic_step_by_step"
 LENGTHS = {"inputs": 64, "targets": 64}
@@ -29,7 +29,7 @@ RUNS = ("dsbs,ALPHA=0.3", "dsbs_rates,ALPHA=0.3", "dsbs,ALPHA=0.7", "dsbs_rates,
 TIMINGS = {"step_time_s", "examples_per_second", "tokens_per_second", "rows_per_second"}
 
 
-def _flags(data_dir: Path, sweep_dir: Path) -> list[str]:
+def _flags(data_dir: Path, sweep_dir: Path, methods: str = "dsbs,dsbs_rates") -> list[str]:
     return [
         "--gin_file=runs/base.gin",
         "--gin_file=models/tiny.gin",
@@ -46,7 +46,7 @@ def _flags(data_dir: Path, sweep_dir: Path) -> list[str]:
         "--gin.train.eval_batch_size=32",
         "--gin.train.max_decode_length=4",
         "--gin.train.log_period=1",
-        "--methods=dsbs,dsbs_rates",
+        f"--methods={methods}",
         "--sweep=ALPHA=[0.3,0.7]",
     ]
 
@@ -83,9 +83,9 @@ def test_each_run_is_the_run_alone_and_a_killed_sweep_resumes_exactly(
     gin_cache_root, tmp_path, monkeypatch, capsys
 ):
     """A vectorized sweep of four runs, each against `python -m dsbs_jax.train` with its
-    recorded flags (`_check_each_run_is_the_run_alone`); then the same sweep killed while
-    saving and rerun (`_check_killed_sweep_resumes_exactly`) ends with the first's bytes. One
-    test, so the first sweep trains once and serves both."""
+    recorded flags (`_check_each_run_is_the_run_alone`); then a sweep of two of those runs
+    killed while saving and rerun (`_check_killed_sweep_resumes_exactly`) ends with the first's
+    bytes. One test, so the first sweep trains once and serves both."""
     swept = tmp_path / "swept"
     assert sweep.main([*_flags(gin_cache_root, swept), "--vectorized"]) == 0
     _check_each_run_is_the_run_alone(swept, tmp_path / "alone")
@@ -126,41 +126,36 @@ def _check_each_run_is_the_run_alone(swept: Path, alone_dir: Path) -> None:
     assert len(first_losses) == 4  # four runs, four different data streams
 
 
-def _state(model_dir: Path, step: int) -> list[np.ndarray]:
-    """Every array of the training state a checkpoint holds."""
-    restored = ocp.StandardCheckpointer().restore(model_dir / f"checkpoint_{step}" / "state")
-    return [np.asarray(x) for x in jax.tree.leaves(restored)]
-
-
 def _check_killed_sweep_resumes_exactly(
     swept: Path, sweep_dir: Path, data_dir: Path, monkeypatch, capsys
 ) -> None:
-    """Killed while saving step 6, after two runs saved it and before the others did: the
-    rerun finishes those two and trains the others again from step 3, and every run ends
-    with the uninterrupted sweep's bytes."""
-    flags = [*_flags(data_dir, sweep_dir), "--vectorized"]
+    """The sweep of one method's two runs, killed while saving step 6 after the first run
+    saved it and before the second did: the rerun finishes the first and trains the second
+    again from step 3, and both end with the four-run sweep's bytes (a run's numbers do not
+    depend on the runs stacked beside it)."""
+    runs = (RUNS[0], RUNS[2])  # dsbs at both ALPHAs
+    flags = [*_flags(data_dir, sweep_dir, methods="dsbs"), "--vectorized"]
     save = Checkpointer.save
 
-    def killed_at_the_third_run(self, step, *args, **kwargs):
-        if step == 6 and self.model_dir.name == RUNS[2]:
+    def killed_at_the_second_run(self, step, *args, **kwargs):
+        if step == 6 and self.model_dir.name == runs[1]:
             raise KeyboardInterrupt
         return save(self, step, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(Checkpointer, "save", killed_at_the_third_run)
+        patch.setattr(Checkpointer, "save", killed_at_the_second_run)
         with pytest.raises(SystemExit) as stopped:
             sweep.main(flags)
     assert stopped.value.code == 130
-    assert [max(checkpoints.step_dirs(sweep_dir / name)) for name in RUNS] == [6, 6, 3, 3]
+    assert [max(checkpoints.step_dirs(sweep_dir / name)) for name in runs] == [6, 3]
     capsys.readouterr()
 
     assert sweep.main(flags) == 0
     err = capsys.readouterr().err
-    assert f"resuming {RUNS[2]}, {RUNS[3]} at step 3" in err
-    for name in RUNS:
+    assert f"resuming {runs[1]} at step 3" in err
+    for name in runs:
         ours, theirs = sweep_dir / name, swept / name
-        for a, b in zip(_state(ours, 6), _state(theirs, 6), strict=True):
-            np.testing.assert_array_equal(a, b)
+        assert_same_arrays(checkpoint_state(ours, 6), checkpoint_state(theirs, 6))
         results = "test_results.json"
         assert (ours / results).read_text() == (theirs / results).read_text()
 
