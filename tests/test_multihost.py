@@ -127,7 +127,7 @@ def test_a_preempted_pair_resumes_to_one_processs_bits(gin_cache_root, tmp_path)
     """One process on a (2, 2) mesh (the reference), and beside it the same run as two
     processes, preempted: a notice reaching one of them makes both save the same step and exit
     143. Rerunning the pair's command ends with the reference's losses, validation metrics and
-    parameters, bit for bit."""
+    training state (parameters, optimizer moments, step), bit for bit."""
     single, preempted = tmp_path / "single", tmp_path / "preempted"
     steps = 30
     running = _start(_flags(gin_cache_root, single, steps, 2), 1)
@@ -158,4 +158,4 @@ def test_a_preempted_pair_resumes_to_one_processs_bits(gin_cache_root, tmp_path)
     got_eval = _records(preempted, "training_eval")[steps]
     want_eval = _records(single, "training_eval")[steps]
     assert {k: got_eval[k] for k in want_eval} == want_eval
-    assert_same_arrays(checkpoint_state(preempted)["params"], checkpoint_state(single)["params"])
+    assert_same_arrays(checkpoint_state(preempted), checkpoint_state(single))
