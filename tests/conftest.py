@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,13 @@ needs_official_data = pytest.mark.skipif(
 )
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on: bound for a moment, then closed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def checkpoint_state(model_dir: Path, step: int | str = "latest") -> dict:
     """A checkpoint's training state as numpy arrays, read without the shardings it was written
     with: its writers' devices (two processes', a stacked sweep's) need not be this one's."""
@@ -70,11 +78,11 @@ def checkpoint_state(model_dir: Path, step: int | str = "latest") -> dict:
     from dsbs_jax import checkpoints
 
     _, step_dir = checkpoints.checkpoint_dir(model_dir, step)
-    checkpointer = ocp.PyTreeCheckpointer()
-    state_dir = step_dir / checkpoints.STATE_ITEM
-    metadata = checkpointer.metadata(state_dir).item_metadata.tree
+    metadata = checkpoints.state_metadata(step_dir)
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    return checkpointer.restore(state_dir, restore_args=as_numpy)
+    return ocp.PyTreeCheckpointer().restore(
+        step_dir / checkpoints.STATE_ITEM, restore_args=as_numpy
+    )
 
 
 def assert_same_arrays(got: Any, want: Any) -> None:

@@ -23,16 +23,11 @@ import pytest
 from etils import epath
 
 from dsbs_jax.checkpoints import Checkpointer
+from tests.conftest import free_port
 
 pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("gcsfs")
 BUCKET = "dsbs-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # The emulator, in a process of its own as a real server is, made to answer downloads as GCS
@@ -75,7 +70,7 @@ EMULATOR = textwrap.dedent(
 def gcs_env() -> dict[str, str]:
     """Starts the emulator with one bucket; yields the environment that points GCS clients at
     it. TensorStore sends it a few requests at a time: it serves one at a time."""
-    port = _free_port()
+    port = free_port()
     emulator = subprocess.Popen(
         [sys.executable, "-c", EMULATOR, str(port), BUCKET],
         stdout=subprocess.DEVNULL,

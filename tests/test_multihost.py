@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,18 +24,12 @@ import seqio
 
 from dsbs_jax import checkpoints
 from dsbs_jax.input_pipeline import train_batches
-from tests.conftest import assert_same_arrays, checkpoint_state, cpu_xla_flags
+from tests.conftest import assert_same_arrays, checkpoint_state, cpu_xla_flags, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH_SIZE = 8
 DEADLINE_S = 300  # per launch; about 2 minutes on a busy 2-core machine
 ROWS = re.compile(r"host (\d) of 2 reads all files and feeds rows (\d+)\.\.(\d+) \((\d+)\)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _flags(data_dir: Path, model_dir: Path, train_steps: int, num_partitions: int) -> list[str]:
@@ -70,7 +63,7 @@ def _start(flags: list[str], processes: int) -> list[subprocess.Popen]:
     }
     cluster: list[list[str]] = [[]]
     if processes > 1:
-        address = f"127.0.0.1:{_free_port()}"
+        address = f"127.0.0.1:{free_port()}"
         cluster = [
             [
                 f"--coordinator_address={address}",

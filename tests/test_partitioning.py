@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from dsbs_jax.partitioning import (
     initialize_distributed,
     standard_logical_axis_rules,
 )
-from tests.conftest import cpu_xla_flags
+from tests.conftest import cpu_xla_flags, free_port
 
 # Every model-parallel dimension (vocab 64, heads 4, joined_kv 32, mlp 64) divides by 4.
 VOCAB, EMB, HEADS, HEAD_DIM, MLP = 64, 32, 4, 8, 64
@@ -397,9 +396,7 @@ print(json.dumps(dict(rows=rows.tolist(), shard=list(shard),
 
 
 def test_model_axis_across_hosts_feeds_the_rows_each_host_holds():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    address = f"127.0.0.1:{free_port()}"
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",

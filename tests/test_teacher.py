@@ -6,7 +6,6 @@ import collections
 import dataclasses
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import sentencepiece as spm
 from dsbs_jax import teacher
 from dsbs_jax.data import cache, official, parsing, prepare, records
 from dsbs_jax.data.official import DATASETS
-from tests.conftest import OFFICIAL_DATA, needs_official_data
+from tests.conftest import OFFICIAL_DATA, free_port, needs_official_data
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "fake-llm"
@@ -582,9 +581,7 @@ def test_wrong_shaped_replies_are_failed_examples_without_a_traceback(tmp_path, 
 
 def closed_port_url() -> str:
     """The URL of a loopback port nothing listens on (bound for a moment, then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def test_unreachable_endpoint_stops_at_once(tmp_path, serve, capsys):
